@@ -1,0 +1,240 @@
+"""The recipe that builds the toy world's two checkpoints, and the measurement printed beside them.
+
+1. `toy-base`: v-prediction on the cosine schedule, trained on procedurally rendered images of the
+   pretraining prompts, 10% caption dropout (for guidance), EMA weights kept.
+2. `toy-turbo`: "reflow in VP space" distillation with guidance baked in. The base samples (noise z ->
+   image x0) pairs with guidance and many DDIM steps; the student, initialised from the base, regresses
+   v on the straight path between z and x0 at timesteps that are half uniform and half on the 1/2/4/8-step
+   trailing grids, so that one step from pure noise already lands on a clean image.
+
+Everything is seeded; on CPU with one thread a rebuild reproduces the shipped weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import verify, world
+from .pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
+
+WEIGHTS = Path(__file__).parent / "weights"
+
+
+@dataclass
+class BaseRecipe:
+    steps: int = 3000
+    """Optimizer steps."""
+    batch_size: int = 64
+    lr: float = 2e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 5%)."""
+    warmup: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    hard_fraction: float = 0.35
+    """Share of two-object prompts in the pretraining stream."""
+    channels: tuple[int, ...] = (32, 64, 64)
+    seed: int = 0
+
+
+@dataclass
+class TurboRecipe:
+    pairs: int = 4096
+    """Teacher (noise, image) pairs."""
+    teacher_steps: int = 16
+    teacher_guidance: float = 3.0
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup: int = 50
+    ema_decay: float = 0.995
+    grid_fraction: float = 0.5
+    """Share of training timesteps drawn from the 1/2/4/8-step trailing grids (rest uniform)."""
+    seed: int = 1
+
+
+@dataclass
+class Recipe:
+    base: BaseRecipe = field(default_factory=BaseRecipe)
+    turbo: TurboRecipe = field(default_factory=TurboRecipe)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def _prompt_stream(rng: np.random.Generator, n: int, hard_fraction: float) -> list[str]:
+    singles, pairs = world.all_prompts("all"), world.all_prompts("train", hard=True)
+    hard = rng.random(n) < hard_fraction
+    return [pairs[rng.integers(len(pairs))] if h else singles[rng.integers(len(singles))] for h in hard]
+
+
+def train_base(recipe: BaseRecipe, progress: bool = True) -> ToyPipeline:
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    unet = build_unet(tuple(recipe.channels))
+    encoder = ToyTextEncoder(out_dim=recipe.channels[0] * 4)
+    scheduler = build_scheduler()
+    params = list(unet.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup, recipe.steps))
+    ema_unet, ema_encoder = copy.deepcopy(unet), copy.deepcopy(encoder)
+    abar = scheduler.alphas_cumprod
+    bar = tqdm(range(recipe.steps), desc="toy-base", disable=not progress)
+    for step in bar:
+        prompts = _prompt_stream(rng, recipe.batch_size, recipe.hard_fraction)
+        x0 = torch.from_numpy(world.render_batch(prompts, rng, flip=True)) * 2 - 1
+        drop = rng.random(len(prompts)) < recipe.caption_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop)]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),))
+        noise = torch.randn_like(x0)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+        pred = unet(x_t, t, class_labels=encoder.encode(prompts)).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_encoder, encoder, decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    pipe = ToyPipeline(unet=ema_unet.eval(), text_encoder=ema_encoder.eval(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def teacher_pairs(teacher: ToyPipeline, recipe: TurboRecipe, progress: bool = True):
+    """(prompts, z, x0) sampled by the teacher with guidance."""
+    gen = torch.Generator().manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    prompts = _prompt_stream(rng, recipe.pairs, BaseRecipe.hard_fraction)
+    zs, xs = [], []
+    batch = 128
+    for i in tqdm(range(0, recipe.pairs, batch), desc="teacher pairs", disable=not progress):
+        z = torch.randn((min(batch, recipe.pairs - i), 3, world.SIZE, world.SIZE), generator=gen)
+        img = teacher(prompts[i : i + batch], num_inference_steps=recipe.teacher_steps,
+                      guidance_scale=recipe.teacher_guidance, latents=z).images
+        zs.append(z)
+        xs.append(img * 2 - 1)
+    return prompts, torch.cat(zs), torch.cat(xs)
+
+
+def train_turbo(teacher: ToyPipeline, recipe: TurboRecipe, progress: bool = True) -> ToyPipeline:
+    prompts, z, x0 = teacher_pairs(teacher, recipe, progress)
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    unet, encoder = copy.deepcopy(teacher.unet).train(), copy.deepcopy(teacher.text_encoder).train()
+    scheduler = build_scheduler()
+    abar = scheduler.alphas_cumprod
+    grid = sorted({int(t) for n in (1, 2, 4, 8) for t in _trailing(n)})
+    params = list(unet.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup, recipe.steps))
+    ema_unet, ema_encoder = copy.deepcopy(unet), copy.deepcopy(encoder)
+    bar = tqdm(range(recipe.steps), desc="toy-turbo", disable=not progress)
+    for step in bar:
+        idx = torch.from_numpy(rng.integers(0, len(prompts), recipe.batch_size))
+        flip = torch.from_numpy(rng.random(recipe.batch_size) < 0.5).view(-1, 1, 1, 1)
+        zb, xb = z[idx], x0[idx]
+        zb, xb = torch.where(flip, zb.flip(-1), zb), torch.where(flip, xb.flip(-1), xb)
+        on_grid = torch.from_numpy(rng.random(recipe.batch_size) < recipe.grid_fraction)
+        t = torch.where(on_grid, torch.tensor(grid)[torch.from_numpy(rng.integers(0, len(grid), recipe.batch_size))],
+                        torch.from_numpy(rng.integers(0, 1000, recipe.batch_size)))
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * xb + (1 - a).sqrt() * zb
+        target = a.sqrt() * zb - (1 - a).sqrt() * xb
+        pred = unet(x_t, t, class_labels=encoder.encode([prompts[i] for i in idx.tolist()])).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema_unet, unet, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        _ema_update(ema_encoder, encoder, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    pipe = ToyPipeline(unet=ema_unet.eval(), text_encoder=ema_encoder.eval(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _trailing(n: int) -> list[int]:
+    return [int(round(t)) - 1 for t in np.arange(1000, 0, -1000 / n)]
+
+
+@torch.no_grad()
+def measure(pipe: ToyPipeline, steps: list[int], n: int = 1024, guidance: float = 0.0, seed: int = 0,
+            prompts: list[str] | None = None, progress: bool = True) -> dict:
+    """Verifier rewards at each step count over n fixed-seed samples, balanced over prompts."""
+    prompts = prompts or (world.all_prompts("eval") + world.all_prompts("eval", hard=True))
+    table = {}
+    for s in steps:
+        gen = torch.Generator().manual_seed(seed)
+        sums = dict.fromkeys(verify.KEYS, 0.0)
+        for i in tqdm(range(0, n, 256), desc=f"measure S={s}", disable=not progress, leave=False):
+            batch = [prompts[j % len(prompts)] for j in range(i, min(n, i + 256))]
+            z = torch.randn((len(batch), 3, world.SIZE, world.SIZE), generator=gen)
+            img = pipe(batch, num_inference_steps=s, guidance_scale=guidance, latents=z).images
+            for k, v in verify.score(img, batch).items():
+                sums[k] += float(v.sum())
+        table[str(s)] = {k: round(v / n, 4) for k, v in sums.items()}
+    return table
+
+
+def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None = None, n_measure: int = 1024,
+          progress: bool = True) -> dict:
+    """Train `toy-base` (and `toy-turbo` from it), save both with their recipe and measured rewards."""
+    if which not in ("toy-base", "toy-turbo"):
+        raise ValueError(f"unknown toy model {which!r}; available: toy-base, toy-turbo")
+    recipe = recipe or Recipe()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    report = {}
+    t0 = time.time()
+    base_dir = Path(out) / "toy-base"
+    if which == "toy-base" or not (base_dir / "model_index.json").exists():
+        base = train_base(recipe.base, progress)
+        base.save_pretrained(base_dir)
+        report["toy-base"] = {"seconds": round(time.time() - t0, 1), "recipe": asdict(recipe.base),
+                              "rewards": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=3.0,
+                                                 progress=progress), "guidance": 3.0, "n": n_measure}
+        (base_dir / "measured.json").write_text(json.dumps(report["toy-base"], indent=2))
+    else:
+        base = ToyPipeline.from_pretrained(base_dir)
+        base.set_progress_bar_config(disable=True)
+    if which == "toy-turbo":
+        t1 = time.time()
+        turbo = train_turbo(base, recipe.turbo, progress)
+        turbo_dir = Path(out) / "toy-turbo"
+        turbo.save_pretrained(turbo_dir)
+        report["toy-turbo"] = {"seconds": round(time.time() - t1, 1), "recipe": asdict(recipe.turbo),
+                               "rewards": measure(turbo, [1, 2, 4, 8], n_measure, progress=progress),
+                               "guidance": 0.0, "n": n_measure}
+        (turbo_dir / "measured.json").write_text(json.dumps(report["toy-turbo"], indent=2))
+    return report
