@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, default=None, help="weights folder (default: the package's)")
     b.add_argument("-n", type=int, default=1024, help="fixed-seed samples per step count to measure")
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--checkpoints", type=Path, default=None, help="save EMA snapshots here every 500 steps")
     m = sub.add_parser("measure", help="verifier rewards of a toy checkpoint per step count")
     m.add_argument("model")
     m.add_argument("-n", type=int, default=1024)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(getattr(args, "threads", 1))
     if args.command == "build":
-        report = train.build(args.model, out=args.out or train.WEIGHTS, n_measure=args.n)
+        report = train.build(args.model, out=args.out or train.WEIGHTS, n_measure=args.n,
+                             checkpoints=args.checkpoints)
     else:
         spec = models.get(args.model)
         pipe = models.load_pipeline(args.model)

@@ -31,7 +31,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 
 @dataclass
 class BaseRecipe:
-    steps: int = 3000
+    steps: int = 4000
     """Optimizer steps."""
     batch_size: int = 64
     lr: float = 2e-3
@@ -40,9 +40,11 @@ class BaseRecipe:
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    hard_fraction: float = 0.35
+    hard_fraction: float = 0.25
     """Share of two-object prompts in the pretraining stream."""
-    channels: tuple[int, ...] = (32, 64, 64)
+    channels: tuple[int, ...] = (16, 32, 64)
+    bf16: bool = True
+    """bfloat16 autocast for the UNet forward/backward (1.5x faster on AVX512-BF16 CPUs; weights stay fp32)."""
     seed: int = 0
 
 
@@ -59,6 +61,7 @@ class TurboRecipe:
     ema_decay: float = 0.995
     grid_fraction: float = 0.5
     """Share of training timesteps drawn from the 1/2/4/8-step trailing grids (rest uniform)."""
+    bf16: bool = True
     seed: int = 1
 
 
@@ -89,7 +92,19 @@ def _prompt_stream(rng: np.random.Generator, n: int, hard_fraction: float) -> li
     return [pairs[rng.integers(len(pairs))] if h else singles[rng.integers(len(singles))] for h in hard]
 
 
-def train_base(recipe: BaseRecipe, progress: bool = True) -> ToyPipeline:
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def _pipeline(unet, encoder, scheduler) -> ToyPipeline:
+    pipe = ToyPipeline(unet=copy.deepcopy(unet).eval(), text_encoder=copy.deepcopy(encoder).eval(),
+                       scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def train_base(recipe: BaseRecipe, progress: bool = True, checkpoints: Path | None = None,
+               every: int = 500) -> ToyPipeline:
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     unet = build_unet(tuple(recipe.channels))
@@ -111,8 +126,9 @@ def train_base(recipe: BaseRecipe, progress: bool = True) -> ToyPipeline:
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
-        pred = unet(x_t, t, class_labels=encoder.encode(prompts)).sample
-        loss = torch.nn.functional.mse_loss(pred, target)
+        with _autocast(recipe.bf16):
+            pred = unet(x_t, t, class_labels=encoder.encode(prompts)).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -123,9 +139,9 @@ def train_base(recipe: BaseRecipe, progress: bool = True) -> ToyPipeline:
         _ema_update(ema_encoder, encoder, decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    pipe = ToyPipeline(unet=ema_unet.eval(), text_encoder=ema_encoder.eval(), scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        if checkpoints is not None and (step + 1) % every == 0:
+            _pipeline(ema_unet, ema_encoder, scheduler).save_pretrained(Path(checkpoints) / f"base-{step + 1}")
+    return _pipeline(ema_unet, ema_encoder, scheduler)
 
 
 @torch.no_grad()
@@ -138,14 +154,16 @@ def teacher_pairs(teacher: ToyPipeline, recipe: TurboRecipe, progress: bool = Tr
     batch = 128
     for i in tqdm(range(0, recipe.pairs, batch), desc="teacher pairs", disable=not progress):
         z = torch.randn((min(batch, recipe.pairs - i), 3, world.SIZE, world.SIZE), generator=gen)
-        img = teacher(prompts[i : i + batch], num_inference_steps=recipe.teacher_steps,
-                      guidance_scale=recipe.teacher_guidance, latents=z).images
+        with _autocast(recipe.bf16):
+            img = teacher(prompts[i : i + batch], num_inference_steps=recipe.teacher_steps,
+                          guidance_scale=recipe.teacher_guidance, latents=z).images
         zs.append(z)
         xs.append(img * 2 - 1)
     return prompts, torch.cat(zs), torch.cat(xs)
 
 
-def train_turbo(teacher: ToyPipeline, recipe: TurboRecipe, progress: bool = True) -> ToyPipeline:
+def train_turbo(teacher: ToyPipeline, recipe: TurboRecipe, progress: bool = True,
+                checkpoints: Path | None = None, every: int = 500) -> ToyPipeline:
     prompts, z, x0 = teacher_pairs(teacher, recipe, progress)
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
@@ -169,8 +187,9 @@ def train_turbo(teacher: ToyPipeline, recipe: TurboRecipe, progress: bool = True
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * xb + (1 - a).sqrt() * zb
         target = a.sqrt() * zb - (1 - a).sqrt() * xb
-        pred = unet(x_t, t, class_labels=encoder.encode([prompts[i] for i in idx.tolist()])).sample
-        loss = torch.nn.functional.mse_loss(pred, target)
+        with _autocast(recipe.bf16):
+            pred = unet(x_t, t, class_labels=encoder.encode([prompts[i] for i in idx.tolist()])).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -180,9 +199,9 @@ def train_turbo(teacher: ToyPipeline, recipe: TurboRecipe, progress: bool = True
         _ema_update(ema_encoder, encoder, min(recipe.ema_decay, (1 + step) / (10 + step)))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    pipe = ToyPipeline(unet=ema_unet.eval(), text_encoder=ema_encoder.eval(), scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        if checkpoints is not None and (step + 1) % every == 0:
+            _pipeline(ema_unet, ema_encoder, scheduler).save_pretrained(Path(checkpoints) / f"turbo-{step + 1}")
+    return _pipeline(ema_unet, ema_encoder, scheduler)
 
 
 def _trailing(n: int) -> list[int]:
@@ -192,8 +211,9 @@ def _trailing(n: int) -> list[int]:
 @torch.no_grad()
 def measure(pipe: ToyPipeline, steps: list[int], n: int = 1024, guidance: float = 0.0, seed: int = 0,
             prompts: list[str] | None = None, progress: bool = True) -> dict:
-    """Verifier rewards at each step count over n fixed-seed samples, balanced over prompts."""
-    prompts = prompts or (world.all_prompts("eval") + world.all_prompts("eval", hard=True))
+    """Verifier rewards at each step count over n fixed-seed samples, balanced over prompts
+    (default: the held-out single-object prompts)."""
+    prompts = prompts or world.all_prompts("eval")
     table = {}
     for s in steps:
         gen = torch.Generator().manual_seed(seed)
@@ -209,32 +229,37 @@ def measure(pipe: ToyPipeline, steps: list[int], n: int = 1024, guidance: float 
 
 
 def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None = None, n_measure: int = 1024,
-          progress: bool = True) -> dict:
+          progress: bool = True, checkpoints: Path | None = None) -> dict:
     """Train `toy-base` (and `toy-turbo` from it), save both with their recipe and measured rewards."""
     if which not in ("toy-base", "toy-turbo"):
         raise ValueError(f"unknown toy model {which!r}; available: toy-base, toy-turbo")
     recipe = recipe or Recipe()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     report = {}
     t0 = time.time()
     base_dir = Path(out) / "toy-base"
     if which == "toy-base" or not (base_dir / "model_index.json").exists():
-        base = train_base(recipe.base, progress)
+        base = train_base(recipe.base, progress, checkpoints)
         base.save_pretrained(base_dir)
         report["toy-base"] = {"seconds": round(time.time() - t0, 1), "recipe": asdict(recipe.base),
                               "rewards": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=3.0,
-                                                 progress=progress), "guidance": 3.0, "n": n_measure}
+                                                 progress=progress),
+                              "rewards_hard": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=3.0,
+                                                      prompts=world.all_prompts("eval", hard=True),
+                                                      progress=progress),
+                              "guidance": 3.0, "n": n_measure}
         (base_dir / "measured.json").write_text(json.dumps(report["toy-base"], indent=2))
     else:
         base = ToyPipeline.from_pretrained(base_dir)
         base.set_progress_bar_config(disable=True)
     if which == "toy-turbo":
         t1 = time.time()
-        turbo = train_turbo(base, recipe.turbo, progress)
+        turbo = train_turbo(base, recipe.turbo, progress, checkpoints)
         turbo_dir = Path(out) / "toy-turbo"
         turbo.save_pretrained(turbo_dir)
         report["toy-turbo"] = {"seconds": round(time.time() - t1, 1), "recipe": asdict(recipe.turbo),
                                "rewards": measure(turbo, [1, 2, 4, 8], n_measure, progress=progress),
+                               "rewards_hard": measure(turbo, [1, 2, 4, 8], n_measure, progress=progress,
+                                                       prompts=world.all_prompts("eval", hard=True)),
                                "guidance": 0.0, "n": n_measure}
         (turbo_dir / "measured.json").write_text(json.dumps(report["toy-turbo"], indent=2))
     return report

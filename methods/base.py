@@ -1,0 +1,42 @@
+"""The untrained base model: trains nothing, samples with the shared deterministic sampler.
+
+It is the `base` row of every leaderboard; every other method's gain is measured against it on the same
+(prompt, initial noise) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from methods.common import Budget, Task, Tracker, default_generate
+
+
+@dataclass
+class Config:
+    """The base method has no knobs."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"toy": {}}
+
+    @classmethod
+    def search_space(cls) -> dict[str, tuple]:
+        return {}
+
+
+class BaseMethod:
+    """Leaves the policy untouched; `generate` is `default_generate`."""
+
+    name: ClassVar[str] = "base"
+    Config = Config
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else Config()
+
+    def train(self, policy, task: Task, budget: Budget, tracker: Tracker) -> None:
+        return None
+
+    def generate(self, policy, prompts: list[str], num_steps: int, *, noise: torch.Tensor,
+                 budget: Budget | None = None) -> tuple[torch.Tensor, int]:
+        return default_generate(policy, prompts, num_steps, noise=noise, budget=budget)

@@ -1,0 +1,408 @@
+"""The one trajectory sampler all methods share: stochastic few-step kernels with exact per-step log-densities.
+
+Each kernel is a Gaussian transition p(x_next | x_t, c) = N(mean_theta(x_t, t, c), std_t^2 I) built from a diffusers
+scheduler's own tables (alphas_cumprod, final_alpha_cumprod, sigmas, set_timesteps); nothing here re-implements
+a timetable.
+
+* "ddim" (DDIM with eta; DDPO, SDPO, SPO), in x space, exactly `DDIMScheduler.step`:
+      x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)          (v / x0 predictions converted as diffusers does)
+      std    = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+      mean   = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - std^2) eps
+  with t_prev = t - T // N and abar_prev = final_alpha_cumprod when t_prev < 0 (stored as -1). x0_hat is clipped
+  when the scheduler's config says clip_sample. (DDPO's code clamps t_prev to 0 instead: with SD's
+  set_alpha_to_one=False the two coincide.)
+* "euler_ancestral" (SDXL-Turbo, PSO), in the Euler parameterisation z = x / sqrt(abar) with sigma = sqrt((1-abar)/abar),
+  exactly `EulerAncestralDiscreteScheduler.step` at eta = 1 (eta scales sigma_up as in k-diffusion; eta = 0 is the
+  deterministic `EulerDiscreteScheduler`):
+      x0_hat = z - sigma_from eps;  sigma_up = eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)
+      sigma_down = sqrt(sigma_to^2 - sigma_up^2);  mean = z + (z - x0_hat) / sigma_from (sigma_down - sigma_from)
+      std = sigma_up    (the last step, sigma_to = 0, is deterministic)
+  The denoiser sees z / sqrt(sigma^2 + 1) (`model_input`); x_T = noise * init_noise_sigma.
+* "lcm" (LCM / DMD2 "predict x0 then renoise", PSO-DMD2) on the next grid timestep t':
+      mean = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - std^2) eps,  std = eta sqrt(1 - abar_t')
+  so eta = 1 is the LCM step (mean = sqrt(abar_t') x0_hat) and eta = 0 is DDIM's deterministic step; the last
+  step outputs x0_hat (deterministic).
+
+Log-probabilities are the per-element MEAN over C*H*W of the Gaussian log-density (DDPO/SDPO/SPO convention):
+      log p = mean[-(x_next - mean)^2 / (2 std^2)] - log std - 0.5 log(2 pi)
+computed in float32, NaN where a step is deterministic (std = 0). t_prev is always passed explicitly, never read
+from the scheduler's mutable state.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from methods.policy import Conditioning, Policy
+
+KERNELS = ("ddim", "euler_ancestral", "lcm")
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class Trajectory:
+    """Samples and, when recorded, every intermediate latent and per-step log-density."""
+
+    latents: torch.Tensor | None
+    """(B, K+1, C, h, w) float32, x_T ... x_0 in the kernel's native parameterisation (None if record=False)."""
+    timesteps: torch.Tensor
+    """(K,) long training timesteps of the steps taken."""
+    prev_timesteps: torch.Tensor
+    """(K,) long target timesteps; -1 = final (DDIM: final_alpha_cumprod; Euler: sigma 0; LCM: clean x0)."""
+    log_probs: torch.Tensor | None
+    """(B, K) float32 per-element-mean Gaussian log-density of each transition; NaN where deterministic."""
+    stochastic: torch.Tensor
+    """(K,) bool, False where std == 0 (eta = 0, the Euler-A / LCM last step)."""
+    x0_preds: torch.Tensor | None
+    """(B, K, C, h, w) float32 clean-sample prediction at every step (None if record=False)."""
+    images: torch.Tensor | None
+    """(B, 3, H, W) float32 in [0, 1] (None if decode=False)."""
+    cond: Conditioning
+    prompts: list[str]
+    kernel: str
+    eta: float
+    num_steps: int
+    """N of the timestep grid (a `continue_from` trajectory covers its steps k_start .. N-1)."""
+    nfe: int
+    """denoiser forward passes spent (counts CFG's two)."""
+    final_latents: torch.Tensor | None = None
+    """(B, C, h, w) float32 x_0 (kept also when record=False)."""
+    k_start: int = 0
+    """grid index of the first step (0 for `sample`)."""
+
+
+# ----------------------------------------------------------------------------- scheduler tables
+
+
+@dataclass(frozen=True)
+class _Tables:
+    alphas_cumprod: torch.Tensor  # (T,) float64 copy of the scheduler's float32 table
+    final_alpha_cumprod: float
+    sigmas: torch.Tensor  # (T,) float32, sqrt((1 - abar) / abar) computed as diffusers' Euler schedulers do
+    prediction_type: str
+    clip_range: float | None
+    num_train_timesteps: int
+
+
+_TABLES: weakref.WeakKeyDictionary[object, _Tables] = weakref.WeakKeyDictionary()
+
+
+def _tables(scheduler) -> _Tables:
+    cached = _TABLES.get(scheduler)
+    if cached is not None:
+        return cached
+    config = scheduler.config
+    if config.get("thresholding", False):
+        raise NotImplementedError("dynamic thresholding (scheduler config thresholding=True) is not supported")
+    alphas_cumprod = scheduler.alphas_cumprod.detach().cpu().to(torch.float32)
+    final = getattr(scheduler, "final_alpha_cumprod", None)
+    if final is None:
+        final = 1.0 if config.get("set_alpha_to_one", False) else alphas_cumprod[0]
+    clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", False) else None
+    tables = _Tables(
+        alphas_cumprod=alphas_cumprod.double(),
+        final_alpha_cumprod=float(final),
+        sigmas=((1 - alphas_cumprod) / alphas_cumprod) ** 0.5,
+        prediction_type=config.get("prediction_type", "epsilon"),
+        clip_range=None if clip is None else float(clip),
+        num_train_timesteps=int(config.num_train_timesteps),
+    )
+    _TABLES[scheduler] = tables
+    return tables
+
+
+def _check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        from tasks.registry import UnknownNameError
+
+        raise UnknownNameError("sampling kernel", kernel, list(KERNELS))
+    return kernel
+
+
+def _default_kernel(scheduler) -> str:
+    name = type(scheduler).__name__
+    return "euler_ancestral" if "Euler" in name else "lcm" if "LCM" in name else "ddim"
+
+
+def timestep_grid(scheduler, num_steps: int, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, prev_timesteps), both (N,) long on CPU, from `scheduler.set_timesteps(num_steps)`.
+
+    prev: "ddim" uses diffusers' DDIM rule t - T // N; "euler_ancestral" and "lcm" the next grid timestep. The
+    final target is -1. `kernel` defaults from the scheduler class (Euler* -> euler_ancestral, LCM -> lcm, else ddim).
+    """
+    kernel = _check_kernel(kernel or _default_kernel(scheduler))
+    scheduler.set_timesteps(num_steps)
+    raw = scheduler.timesteps.detach().cpu()
+    timesteps = raw.round().long()
+    if raw.is_floating_point() and not torch.equal(raw, timesteps.to(raw.dtype)):
+        raise ValueError(
+            f"non-integer timesteps {raw.tolist()} (timestep_spacing={scheduler.config.get('timestep_spacing')!r}); "
+            "use 'trailing' (few-step models) or 'leading'"
+        )
+    if kernel == "ddim":
+        prev = timesteps - scheduler.config.num_train_timesteps // num_steps
+    else:
+        prev = torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
+    return timesteps, prev.clamp(min=-1)
+
+
+# ----------------------------------------------------------------------------- the kernels (pure maths)
+
+
+def _as_index(t) -> torch.Tensor:
+    return torch.as_tensor(t).to(device="cpu", dtype=torch.long)
+
+
+def _broadcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A float64 coefficient (0-d, or (B,) for per-sample timesteps) as float32 broadcastable against `like`."""
+    coef = coef.to(torch.float32)
+    if coef.ndim == 1:
+        coef = coef.view(-1, *([1] * (like.ndim - 1)))
+    return coef.to(like.device)
+
+
+def _abar(tables: _Tables, t: torch.Tensor, final: float) -> torch.Tensor:
+    a = tables.alphas_cumprod[t.clamp(min=0)]
+    return torch.where(t >= 0, a, torch.full_like(a, final))
+
+
+def _sigma(tables: _Tables, t: torch.Tensor) -> torch.Tensor:
+    s = tables.sigmas[t.clamp(min=0)]
+    return torch.where(t >= 0, s, torch.zeros_like(s))
+
+
+def model_input(kernel: str, scheduler, x_t: torch.Tensor, t) -> torch.Tensor:
+    """What the denoiser sees for latent x_t: x_t itself, or z / sqrt(sigma^2 + 1) for the Euler kernel."""
+    if kernel != "euler_ancestral":
+        return x_t
+    sigma = _sigma(_tables(scheduler), _as_index(t))
+    return x_t / _broadcast((sigma**2 + 1) ** 0.5, x_t)  # float32, as the Euler schedulers' scale_model_input
+
+
+def _x0_eps(prediction_type: str, out: torch.Tensor, x: torch.Tensor, abar: torch.Tensor):
+    sqrt_a, sqrt_1ma = _broadcast(abar.sqrt(), x), _broadcast((1 - abar).sqrt(), x)
+    if prediction_type == "epsilon":
+        return (x - sqrt_1ma * out) / sqrt_a, out
+    if prediction_type == "v_prediction":
+        return sqrt_a * x - sqrt_1ma * out, sqrt_a * out + sqrt_1ma * x
+    if prediction_type == "sample":
+        return out, (x - sqrt_a * out) / sqrt_1ma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def transition(kernel: str, scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t, t_prev, eta: float):
+    """One step's Gaussian: (mean (B,C,h,w), std (0-d or (B,1,1,1)), x0_pred (B,C,h,w)), all float32.
+
+    t, t_prev: ints / 0-d tensors, or (B,) tensors for per-sample steps; t_prev = -1 is the final target.
+    `model_output` is the raw denoiser output for `model_input(kernel, scheduler, x_t, t)`.
+    """
+    tables = _tables(scheduler)
+    out, x = model_output.float(), x_t.float()
+    t, t_prev = _as_index(t), _as_index(t_prev)
+
+    if _check_kernel(kernel) == "euler_ancestral":
+        sigma_from, sigma_to = _sigma(tables, t).double(), _sigma(tables, t_prev).double()
+        s = _broadcast(sigma_from, x)
+        if tables.prediction_type == "epsilon":
+            x0 = x - s * out
+        elif tables.prediction_type == "v_prediction":
+            x0 = out * _broadcast(-sigma_from / (sigma_from**2 + 1) ** 0.5, x) + x / _broadcast(sigma_from**2 + 1, x)
+        elif tables.prediction_type == "sample":
+            x0 = out
+        else:
+            raise ValueError(f"unknown prediction_type {tables.prediction_type!r}")
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2).clamp(min=0) ** 0.5
+        sigma_up = torch.minimum(sigma_to, eta * sigma_up)
+        sigma_down = (sigma_to**2 - sigma_up**2).clamp(min=0) ** 0.5
+        mean = x + (x - x0) / s * _broadcast(sigma_down - sigma_from, x)
+        return mean, _broadcast(sigma_up, x), x0
+
+    a_t = _abar(tables, t, tables.final_alpha_cumprod)
+    # LCM's last step returns the clean prediction: treat its final target as abar = 1.
+    a_prev = _abar(tables, t_prev, tables.final_alpha_cumprod if kernel == "ddim" else 1.0)
+    x0, eps = _x0_eps(tables.prediction_type, out, x, a_t)
+    if tables.clip_range is not None:
+        x0 = x0.clamp(-tables.clip_range, tables.clip_range)
+    if kernel == "ddim":
+        std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0) ** 0.5
+    else:
+        std = eta * (1 - a_prev).clamp(min=0) ** 0.5
+    direction = (1 - a_prev - std**2).clamp(min=0) ** 0.5
+    mean = _broadcast(a_prev**0.5, x) * x0 + _broadcast(direction, x) * eps
+    return mean, _broadcast(std, x), x0
+
+
+def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """(B,) per-element-mean log N(x_next; mean, std^2 I) in float32; NaN where std == 0."""
+    diff = x_next.float() - mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=diff.device)
+    std = std.reshape(-1) if std.ndim else std  # () or (B,)
+    ok = std > 0
+    safe = torch.where(ok, std, torch.ones_like(std))
+    log_prob = -diff.pow(2).flatten(1).mean(1) / (2 * safe**2) - torch.log(safe) - _HALF_LOG_2PI
+    return torch.where(ok, log_prob, torch.full_like(log_prob, float("nan")))
+
+
+# ----------------------------------------------------------------------------- sampling loops
+
+
+def _randn(shape, generator, policy: Policy) -> torch.Tensor:
+    # diffusers' own helper, in the model dtype: the same generator then draws exactly what the pipeline draws.
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=policy.device, dtype=policy.dtype).float()
+
+
+def sample(
+    policy: Policy,
+    prompts: list[str] | None,
+    num_steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    kernel: str | None = None,
+    eta: float = 1.0,
+    cond: Conditioning | None = None,
+    record: bool = True,
+    decode: bool = True,
+) -> Trajectory:
+    """Sample `num_steps` steps from pure noise for each prompt.
+
+    noise: standard-normal (B, C, h, w) initial noise; x_T = noise * init_noise_sigma (1 for DDIM/LCM, sigma_max
+    for Euler). Drawn from `generator` when None, in the pipeline's order, so that `pipeline(..., generator=g)` and
+    `sample(..., generator=g)` see the same numbers. kernel defaults to `policy.spec.scheduler`. record=False keeps
+    only `final_latents` and `images` (no per-step latents, log-probs or x0 predictions).
+    """
+    kernel = _check_kernel(kernel or policy.spec.scheduler)
+    scheduler = policy.scheduler_for(kernel)
+    if cond is None:
+        if prompts is None:
+            raise ValueError("sample needs prompts or an encoded cond")
+        cond = policy.encode_prompts(prompts)
+    shape = (len(cond), *policy.latent_shape)
+    if noise is None:
+        noise = _randn(shape, generator, policy)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape} (B = {len(cond)} prompts)")
+    timestep_grid(scheduler, num_steps, kernel)  # sets the scheduler's sigmas, hence init_noise_sigma
+    x_T = noise.to(policy.device, torch.float32) * float(scheduler.init_noise_sigma)
+    return continue_from(
+        policy, x_T, 0, num_steps, cond=cond, kernel=kernel, eta=eta, generator=generator, record=record,
+        decode=decode,
+    )
+
+
+def continue_from(
+    policy: Policy,
+    x_t: torch.Tensor,
+    k_start: int,
+    num_steps: int | None = None,
+    *,
+    traj: Trajectory | None = None,
+    cond: Conditioning | None = None,
+    prompts: list[str] | None = None,
+    kernel: str | None = None,
+    eta: float | None = None,
+    generator: torch.Generator | None = None,
+    record: bool = True,
+    decode: bool = True,
+) -> Trajectory:
+    """Run grid steps k_start .. N-1 of an N-step grid from latent x_t (B, C, h, w) in the kernel's
+    parameterisation (e.g. `traj.latents[:, k]`, or `renoise(...)`); SPO's branching and tree search restart here.
+
+    `traj` (the trajectory x_t came from) supplies num_steps, cond, kernel and eta unless given explicitly;
+    without it eta defaults to 1. k_start is a grid index; the returned trajectory's step 0 is grid step k_start.
+    """
+    if traj is not None:
+        num_steps = traj.num_steps if num_steps is None else num_steps
+        cond = traj.cond if cond is None and prompts is None else cond
+        kernel = kernel or traj.kernel
+        eta = traj.eta if eta is None else eta
+    if num_steps is None:
+        raise ValueError("continue_from needs num_steps (or the trajectory x_t came from as traj=...)")
+    eta = 1.0 if eta is None else eta
+    kernel = _check_kernel(kernel or policy.spec.scheduler)
+    scheduler = policy.scheduler_for(kernel)
+    if cond is None:
+        cond = policy.encode_prompts(prompts)
+    timesteps, prev = timestep_grid(scheduler, num_steps, kernel)
+    timesteps, prev = timesteps[k_start:], prev[k_start:]
+    t_device = timesteps.to(policy.device)
+    steps = len(timesteps)
+
+    x = x_t.to(policy.device, torch.float32)
+    latents, x0_preds, log_probs, stochastic = [x], [], [], []
+    with torch.no_grad():
+        for k in range(steps):
+            t, t_prev = int(timesteps[k]), int(prev[k])
+            output = policy.predict(model_input(kernel, scheduler, x, t), t_device[k], cond)
+            mean, std, x0_pred = transition(kernel, scheduler, output, x, t, t_prev, eta)
+            is_stochastic = float(std) > 0
+            # diffusers' Euler-A draws noise even for its sigma_up = 0 last step; mirror it to keep RNG streams equal.
+            if is_stochastic or (kernel == "euler_ancestral" and eta > 0):
+                noise = _randn(x.shape, generator, policy)
+            x_next = mean + std * noise if is_stochastic else mean
+            stochastic.append(is_stochastic)
+            if record:
+                latents.append(x_next)
+                x0_preds.append(x0_pred)
+                log_probs.append(gaussian_log_prob(x_next, mean, std))
+            x = x_next
+        images = policy.decode(x) if decode else None
+
+    return Trajectory(
+        latents=torch.stack(latents, dim=1) if record else None,
+        timesteps=timesteps,
+        prev_timesteps=prev,
+        log_probs=torch.stack(log_probs, dim=1) if record else None,
+        stochastic=torch.tensor(stochastic, dtype=torch.bool),
+        x0_preds=torch.stack(x0_preds, dim=1) if record else None,
+        images=images,
+        cond=cond,
+        prompts=list(cond.prompts),
+        kernel=kernel,
+        eta=float(eta),
+        num_steps=num_steps,
+        nfe=steps * policy.nfe_per_predict,
+        final_latents=x,
+        k_start=k_start,
+    )
+
+
+def add_noise(kernel: str, scheduler, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+    """Forward-diffuse x0 to timestep t in the kernel's parameterisation: sqrt(abar) x0 + sqrt(1-abar) noise
+    (DDIM, LCM), or x0 + sigma noise (Euler's z = x / sqrt(abar)). t: int, or (B,) tensor."""
+    tables, t = _tables(scheduler), _as_index(t)
+    x0, noise = x0.float(), noise.to(x0.device, torch.float32)
+    if _check_kernel(kernel) == "euler_ancestral":
+        return x0 + _broadcast(_sigma(tables, t), x0) * noise
+    abar = _abar(tables, t, tables.final_alpha_cumprod)
+    return _broadcast(abar.sqrt(), x0) * x0 + _broadcast((1 - abar).sqrt(), x0) * noise
+
+
+def renoise(policy: Policy, x0: torch.Tensor, traj: Trajectory, k: int, noise: torch.Tensor) -> torch.Tensor:
+    """A latent for grid step k of `traj`'s grid (its timestep t_k) made from a clean estimate x0 and fresh
+    noise, ready for `continue_from(policy, x_t, k, traj=traj)` (the "search over paths" restart)."""
+    scheduler = policy.scheduler_for(traj.kernel)
+    timesteps, _ = timestep_grid(scheduler, traj.num_steps, traj.kernel)
+    return add_noise(traj.kernel, scheduler, x0.to(policy.device), int(timesteps[k]), noise)
+
+
+def transition_log_prob(policy: Policy, traj: Trajectory, k: int, *, index=None) -> torch.Tensor:
+    """(B,) log-density of the recorded transition k (x_k -> x_{k+1}) under the policy's CURRENT parameters, with
+    gradients (call inside `policy.reference()` for the reference model). index: a subset of the batch rows.
+    NaN for a deterministic step."""
+    if traj.latents is None:
+        raise ValueError("this trajectory was sampled with record=False: no latents to score")
+    latents = traj.latents if index is None else traj.latents[index]
+    cond = traj.cond if index is None else traj.cond.select(index)
+    scheduler = policy.scheduler_for(traj.kernel)
+    t, t_prev = traj.timesteps[k], traj.prev_timesteps[k]
+    x, x_next = latents[:, k], latents[:, k + 1]
+    output = policy.predict(model_input(traj.kernel, scheduler, x, t), t.to(policy.device), cond)
+    mean, std, _ = transition(traj.kernel, scheduler, output, x, t, t_prev, traj.eta)
+    return gaussian_log_prob(x_next, mean, std)
