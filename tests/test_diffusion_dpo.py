@@ -1,0 +1,210 @@
+"""Diffusion-DPO: the loss on the spec's §2.2 worked values, the shared pair sources (methods.preference_data),
+the toy preference dataset writer (tasks.toy.preferences), and short online/offline train() runs on a tiny toy
+policy with hand-computed NFE accounting."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import methods
+from methods import diffusion_dpo, sampling
+from methods.common import Budget, NullTracker, Task
+from methods.policy import Policy
+from methods.preference_data import OfflineDatasetPairs, draw_timesteps, form_pairs, own_noise
+from tasks import models as zoo
+from tasks.toy import preferences, verify
+from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+# ---------------------------------------------------------------------------------------------- pure loss
+@pytest.mark.parametrize(
+    "e_theta_w, e_theta_l, beta, expected",
+    [(0.1000, 0.1000, 5000.0, 0.693147), (0.0990, 0.1005, 5000.0, 0.023245), (0.1010, 0.0990, 5000.0, 5.006715),
+     (0.0990, 0.1005, 2500.0, 0.142675)],
+)
+def test_loss_worked_values(e_theta_w, e_theta_l, beta, expected):
+    """Spec §2.2: reference errors 0.1 for both members."""
+    f = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    value, inside = diffusion_dpo.loss(f(e_theta_w), f(e_theta_l), f(0.1), f(0.1), beta)
+    assert value.item() == pytest.approx(expected, abs=1e-6)
+    assert inside.item() == pytest.approx(-0.5 * beta * (e_theta_w - e_theta_l), abs=1e-9)
+
+
+def test_loss_at_reference_swap_and_gradient():
+    e = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    value, inside = diffusion_dpo.loss(e, e.flip(0), e, e.flip(0), 5000.0)
+    assert value.item() == pytest.approx(math.log(2), abs=1e-12) and diffusion_dpo.implicit_accuracy(inside) == 0.5
+    # swapping winner and loser flips the margin
+    win, lose = torch.tensor([0.0990]), torch.tensor([0.1005])
+    ref = torch.tensor([0.1])
+    _, inside = diffusion_dpo.loss(win, lose, ref, ref, 5000.0)
+    _, swapped = diffusion_dpo.loss(lose, win, ref, ref, 5000.0)
+    assert swapped.item() == pytest.approx(-inside.item())
+    # d loss / d e_theta^w = +0.5 beta sigma(-inside): +-1250 at theta = ref, beta 5000
+    ew, el = ref.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+    diffusion_dpo.loss(ew, el, ref, ref, 5000.0)[0].backward()
+    assert ew.grad.item() == pytest.approx(1250.0) and el.grad.item() == pytest.approx(-1250.0)
+
+
+def test_several_timesteps_average_inside_the_sigmoid():
+    win = torch.tensor([[0.099, 0.101, 0.100]])
+    lose = torch.tensor([[0.1005, 0.0995, 0.1]])
+    ref = torch.full((1, 3), 0.1)
+    value, inside = diffusion_dpo.loss(win, lose, ref, ref, 5000.0)
+    expected, _ = diffusion_dpo.loss(win.mean(1), lose.mean(1), ref.mean(1), ref.mean(1), 5000.0)
+    assert value.item() == pytest.approx(expected.item(), abs=1e-6) and inside.shape == (1,)
+
+
+# ---------------------------------------------------------------------------------------------- pair sources
+def test_form_pairs():
+    rewards, groups = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])
+    win, lose = form_pairs(rewards, groups)
+    assert win.tolist() == [0, 3] and lose.tolist() == [1, 2]
+    win, lose = form_pairs(torch.tensor([0.2, 0.9, 0.5, 0.5, 0.5, 0.5]), torch.tensor([0, 0, 0, 1, 1, 1]),
+                           pairing="best_worst")
+    assert win.tolist() == [1] and lose.tolist() == [0]
+    win, lose = form_pairs(torch.tensor([0.5, 0.5]), torch.tensor([0, 0]), pairing="best_worst", ties="second_wins")
+    assert win.tolist() == [1] and lose.tolist() == [0]
+    assert form_pairs(torch.tensor([0.5, 0.6]), torch.tensor([0, 0]), min_gap=0.2)[0].numel() == 0
+
+
+def test_grid_timesteps_without_replacement_cover_the_grid():
+    grid = torch.tensor([999, 749, 499, 249])
+    t = draw_timesteps("grid", grid, 1000, (5, 4), torch.Generator().manual_seed(0))
+    assert all(sorted(row) == [249, 499, 749, 999] for row in t.tolist())
+    u = draw_timesteps("uniform", grid, 1000, (3, 2), torch.Generator().manual_seed(0))
+    assert u.shape == (3, 2) and int(u.max()) < 1000
+
+
+@pytest.mark.parametrize("layout", ["folder", "parquet"])
+def test_toy_preference_dataset_round_trip(tmp_path, layout):
+    path = preferences.write_dataset(tmp_path / "prefs", split="train", pairs_per_prompt=1, layout=layout)
+    data = OfflineDatasetPairs(path, resolution=32)
+    n = len(zoo_prompts := preferences.all_prompts("train"))
+    assert len(data) == n and data.prompts == zoo_prompts
+    prompts, win, lose = data.batch([0, 1, 2])
+    assert win.shape == (3, 3, 32, 32) and float(win.min()) >= 0 and float(win.max()) <= 1
+    # every label is what the verifier says: winner strictly better on mean3 (PNG round trip included)
+    s_w, s_l = verify.score(win, prompts)["mean3"], verify.score(lose, prompts)["mean3"]
+    assert bool((s_w > s_l).all())
+
+
+def test_perturb_changes_exactly_one_attribute():
+    rng = np.random.default_rng(0)
+    for prompt in ["a red circle", "three blue squares", "a red circle and a blue square"]:
+        for _ in range(5):
+            new = preferences.perturb(prompt, rng)
+            a, b = preferences.parse_prompt(prompt), preferences.parse_prompt(new)
+            diffs = sum((x.color != y.color) + (x.shape != y.shape) + (x.count != y.count) for x, y in zip(a, b))
+            assert diffs == 1 and len(a) == len(b)
+
+
+def test_raw_pickapic_columns_drop_ties_and_put_the_winner_first(tmp_path):
+    import io
+
+    from PIL import Image
+
+    def png(value):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    frame = pd.DataFrame({"caption": ["a", "b", "c"], "jpg_0": [png(10), png(20), png(30)],
+                          "jpg_1": [png(11), png(21), png(31)], "label_0": [1.0, 0.0, 0.5]})
+    frame.to_parquet(tmp_path / "train-0.parquet")
+    data = OfflineDatasetPairs(tmp_path, resolution=4)
+    prompts, win, _ = data.batch([0, 1])
+    assert prompts == ["a", "b"] and len(data) == 2  # the tie (label 0.5) is dropped
+    assert round(float(win[0].mean()) * 255) == 10 and round(float(win[1].mean()) * 255) == 21  # label_0 = 0: jpg_1 won
+    assert win.shape == (2, 3, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------- tiny policy
+def tiny_policy(seed: int = 0) -> Policy:
+    """A random-weight toy pipeline (UNet channels (8, 16)) wrapped as a LoRA Policy."""
+    torch.manual_seed(seed)
+    unet = build_unet((8, 16))
+    encoder = ToyTextEncoder(out_dim=unet.config.block_out_channels[0] * 4)
+    pipe = ToyPipeline(unet=unet, text_encoder=encoder, scheduler=build_scheduler())
+    return Policy(pipe, zoo.get("toy-turbo"), lora_rank=2)
+
+
+class RedReward:
+    """A continuous stand-in reward (mean red intensity): random-weight models score 0 on the verifiers."""
+
+    def __call__(self, images, prompts):
+        assert len(prompts) == images.shape[0]
+        return images[:, 0].mean(dim=(1, 2))
+
+
+def changed(policy, before) -> bool:
+    after = policy.adapter_state_dict()
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_own_noise_is_the_sampling_noise():
+    policy = tiny_policy()
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    traj = sampling.sample(policy, PROMPTS, 2, noise=noise, eta=0.0)
+    assert torch.equal(own_noise(traj, policy), noise)
+
+
+@pytest.mark.parametrize("noise, timesteps_per_pair", [("fresh", 1), ("own", 2)])
+def test_online_smoke_budget_and_adapters(noise, timesteps_per_pair):
+    policy = tiny_policy()
+    before = policy.adapter_state_dict()
+    method = methods.load("diffusion_dpo", prompts_per_round=2, samples_per_prompt=2, pairs_per_update=2,
+                          updates_per_round=1, lr=1e-2, noise=noise, timesteps_per_pair=timesteps_per_pair)
+    assert isinstance(method, diffusion_dpo.DiffusionDPO)
+    # hand count: a round samples 2 prompts x 2 images x K=2 steps = 8 NFEs and makes 4 reward calls; an update
+    # runs winner + loser through policy and reference at every timestep: 4 x 2 pairs x T NFEs.
+    update = 4 * 2 * timesteps_per_pair
+    budget = Budget(max_nfe=2 * (8 + update) + 3)
+    tracker = NullTracker()
+    method.train(policy, Task(PROMPTS, RedReward(), train_steps=2, seed=0), budget, tracker)
+    assert (budget.sample_nfe, budget.grad_nfe, budget.reward_calls) == (16, 2 * update, 8)
+    assert changed(policy, before)
+    # theta = reference at the first update (LoRA B = 0): the loss is exactly ln 2
+    assert tracker.series("train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert tracker.series("train/implicit_acc")[0] == 0.5
+    assert tracker.steps("train/loss") == [8 + update, 2 * (8 + update)]
+
+
+def test_offline_smoke_budget(tmp_path):
+    path = preferences.write_dataset(tmp_path / "prefs", split="train", pairs_per_prompt=1)
+    policy = tiny_policy()
+    before = policy.adapter_state_dict()
+    method = methods.load("diffusion_dpo", source="offline", dataset=str(path), pairs_per_update=2, lr=1e-2)
+    budget = Budget(max_nfe=3 * 8 + 7)  # update = 4 x 2 pairs x 1 timestep = 8 NFEs; no sampling, no reward calls
+    method.train(policy, Task(PROMPTS, RedReward(), train_steps=4, seed=0), budget, NullTracker())
+    assert (budget.sample_nfe, budget.grad_nfe, budget.reward_calls) == (0, 24, 0)
+    assert changed(policy, before)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="dataset"):
+        methods.load("diffusion_dpo", source="offline")
+    with pytest.raises(ValueError, match="own"):
+        methods.load("diffusion_dpo", source="offline", dataset="x", noise="own")
+    with pytest.raises(ValueError, match="betta"):
+        methods.load("diffusion_dpo", betta=1.0)
+    space = diffusion_dpo.Config.search_space()
+    assert {"lr", "beta"} <= set(space)
+
+
+def test_max_updates_and_unlimited_budget():
+    policy = tiny_policy()
+    method = methods.load("diffusion_dpo", prompts_per_round=2, samples_per_prompt=2, pairs_per_update=2,
+                          updates_per_round=3, max_updates=2)
+    budget = Budget(max_nfe=None)
+    method.train(policy, Task(PROMPTS, RedReward(), train_steps=2, seed=0), budget, NullTracker())
+    assert (budget.sample_nfe, budget.grad_nfe) == (8, 16)  # one round, stopped after 2 of its 3 updates
+    with pytest.raises(ValueError, match="max_updates"):
+        methods.load("diffusion_dpo").train(policy, Task(PROMPTS, RedReward(), 2, 0), Budget(None), NullTracker())

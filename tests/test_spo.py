@@ -1,0 +1,166 @@
+"""SPO: the clamped per-step loss (§3.4 worked values), the pair filter, the step-wise resampler (shared parent,
+random continuation, NFE count), the step-aware preference model (learns a verifier-like outcome from noisy
+states), and short train() runs with both preference models and hand-computed budgets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import methods
+from methods import spo
+from methods.common import Budget, NullTracker, Task
+from methods.policy import Policy
+from tasks import models as zoo
+from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+def t64(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+@pytest.mark.parametrize("log_ratio, expected", [(0.0, 0.693147), (0.05, 0.31326), (0.2, 0.12613)])
+def test_loss_worked_values_and_clamp_gradient(log_ratio, expected):
+    """§3.4, beta 10, eps 0.1: (+r, -r) log-ratios."""
+    theta_w, theta_l = t64(log_ratio).requires_grad_(True), t64(-log_ratio).requires_grad_(True)
+    value, z = spo.loss(theta_w, t64(0.0), theta_l, t64(0.0), beta=10.0, clamp_eps=0.1)
+    assert value.item() == pytest.approx(expected, abs=1e-5)
+    value.backward()
+    if log_ratio == 0.2:  # both ratios clamped (1.1 / 0.9): zero gradient, the loss floor at beta 10
+        assert theta_w.grad.item() == 0.0 and theta_l.grad.item() == 0.0
+        assert z.item() == pytest.approx(10 * math.log(1.1 / 0.9))
+    else:
+        assert theta_w.grad.item() < 0 < theta_l.grad.item()
+
+
+def test_swapping_winner_and_loser_flips_the_margin():
+    _, z = spo.loss(t64(0.03), t64(0.0), t64(-0.01), t64(0.0), 10.0, 0.1)
+    _, swapped = spo.loss(t64(-0.01), t64(0.0), t64(0.03), t64(0.0), 10.0, 0.1)
+    assert z.item() == pytest.approx(0.4) and swapped.item() == pytest.approx(-0.4)
+
+
+def test_pair_filter_threshold():
+    """thr 0.3 <=> s_w - s_l > 2 artanh(0.3) = 0.6190."""
+    assert 2 * math.atanh(0.3) == pytest.approx(0.6190, abs=1e-4)
+    keep = spo.keep_pair(t64(21.62, 21.61, 22.0), t64(21.0, 21.0, 22.0), 0.3)
+    assert keep.tolist() == [True, False, False]
+
+
+def test_spm_learns_an_outcome_from_noisy_states():
+    """A verifier-like rule the SPM must read from x0_hat given the prompt: reward 1 iff the image's mean red
+    channel has the sign the prompt asks for (prompt vector +-1). Both the outcome and the prompt matter."""
+    g = torch.Generator().manual_seed(0)
+    n = 256
+    x0 = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+    x0[:, 0] += torch.randn(n, 1, 1, generator=g)
+    x_t = 0.6 * x0 + 0.8 * torch.randn(n, 3, 16, 16, generator=g)
+    sign = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    reward = ((x0[:, 0].mean(dim=(1, 2)) * sign) > 0).float()
+    data = {"x_t": x_t, "x0": x0, "t": torch.randint(0, 1000, (n,), generator=g), "prompt": sign[:, None].repeat(1, 4),
+            "reward": reward, "group": torch.arange(n) // 4, "step": torch.zeros(n, dtype=torch.long)}
+    model, history = spo.fit_spm(data, kind="bce", epochs=30, batch_size=64, lr=3e-3, width=8, flip=True,
+                                 generator=g, latent_channels=3)
+    assert history[-1] < 0.5 * history[0]
+    with torch.no_grad():
+        logits = model(x_t, x0, data["t"], data["prompt"])
+    assert float(((logits > 0).float() == reward).float().mean()) > 0.9
+    acc = spo.pairwise_accuracy(model, data)
+    assert acc and min(acc.values()) >= 0.0
+    pairwise, hist_pw = spo.fit_spm(data, kind="pairwise", epochs=3, batch_size=64, lr=3e-3, width=8, flip=False,
+                                    generator=g, latent_channels=3)
+    assert len(hist_pw) == 3 and math.isfinite(hist_pw[-1])
+    with pytest.raises(ValueError, match="pairwise"):
+        spo.fit_spm({**data, "reward": data["reward"] * 3}, kind="bce", epochs=1, batch_size=64, lr=1e-3, width=8,
+                    flip=False, generator=g, latent_channels=3)
+
+
+def test_spm_save_load_round_trip(tmp_path):
+    model = spo.StepAwarePreferenceModel(3, 5, width=8)
+    model.save(tmp_path / "spm.pt")
+    loaded = spo.StepAwarePreferenceModel.load(tmp_path / "spm.pt")
+    x = torch.randn(2, 3, 8, 8)
+    args = (x, x, torch.tensor([999, 249]), torch.randn(2, 5))
+    assert torch.equal(model(*args), loaded(*args))
+
+
+# ---------------------------------------------------------------------------------------------- tiny policy
+def tiny_policy(seed: int = 0) -> Policy:
+    torch.manual_seed(seed)
+    unet = build_unet((8, 16))
+    encoder = ToyTextEncoder(out_dim=unet.config.block_out_channels[0] * 4)
+    pipe = ToyPipeline(unet=unet, text_encoder=encoder, scheduler=build_scheduler())
+    return Policy(pipe, zoo.get("toy-turbo"), lora_rank=2)
+
+
+class RedReward:
+    def __call__(self, images, prompts):
+        return images[:, 0].mean(dim=(1, 2))
+
+
+def changed(policy, before) -> bool:
+    after = policy.adapter_state_dict()
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resampler_shared_parent_random_continuation_and_nfe():
+    policy = tiny_policy()
+    calls = []
+    predict = policy.predict
+    policy.predict = lambda x, t, c: (calls.append(len(x)), predict(x, t, c))[1]
+    prompts = [PROMPTS[i % 2] for i in range(8)]
+    # prefers candidate 0 of every pool (scores -j); k = 2 and threshold 0 keep every pool
+    scorer = lambda x_t, x0, t, cond: -(torch.arange(len(x_t)) % 2).float()  # noqa: E731
+    pairs = spo.collect_stepwise_pairs(policy, prompts, 3, scorer, num_candidates=2, threshold=0.0, eta=1.0,
+                                       kernel="ddim", start_step=0, generator=torch.Generator().manual_seed(0))
+    # NFEs: per prompt 1 (x_T) + 2 (pool at step 0) + 2 (pool at step 1) = 5; the last step reuses a candidate's output
+    assert sum(calls) == spo.resampler_nfe(8, 3, 2, [0, 1], 1) == 40
+    assert len(pairs) == 16 and pairs.candidates == 16 and pairs.step.tolist() == [0] * 8 + [1] * 8
+    # step-1 parents are candidates of the step-0 pool of the same prompt: the winner or the loser (k = 2) ...
+    step0, step1 = pairs.step == 0, pairs.step == 1
+    assert torch.equal(pairs.prompt[step0], pairs.prompt[step1])
+    is_win = (pairs.parent[step1] == pairs.win[step0]).flatten(1).all(1)
+    is_lose = (pairs.parent[step1] == pairs.lose[step0]).flatten(1).all(1)
+    assert bool((is_win ^ is_lose).all())
+    assert 0 < int(is_win.sum()) < 8  # ... chosen at random, not always the best
+    # winner and loser are both draws from the parent's transition (finite, similar log-densities)
+    logp_w, logp_l = spo.step_log_probs(policy, pairs, torch.arange(16), "ddim", 1.0, 3)
+    assert torch.isfinite(logp_w).all() and torch.isfinite(logp_l).all()
+
+
+@pytest.mark.parametrize("preference_model", ["reward_x0", "spm"])
+def test_smoke_budget_and_adapters(preference_model):
+    policy = tiny_policy()
+    before = policy.adapter_state_dict()
+    method = methods.load("spo", preference_model=preference_model, num_candidates=2, threshold=0.0,
+                          prompts_per_round=2, pairs_per_update=4, lr=1e-2, spm_rounds=1, spm_prompts=2,
+                          spm_samples_per_prompt=2, spm_epochs=2, spm_width=8)
+    assert isinstance(method, spo.SPO)
+    # Hand count, K = 3, k = 2: a round costs 2 prompts x (1 + 2 + 2) = 10 sampling NFEs and records 2 x 2 pairs
+    # (threshold 0, continuous scores); one update on 4 pairs = (policy + reference) x 4 shared parents = 8 NFEs.
+    # reward calls per round: 2 (monitoring) + reward_x0's 2 prompts x 2 candidates x 2 pools = 8.
+    # spm: 1 round x 2 prompts x 2 samples x 3 steps = 12 NFEs and 4 reward calls, before training starts.
+    spm_nfe, spm_calls = (12, 4) if preference_model == "spm" else (0, 0)
+    round_calls = 2 + (8 if preference_model == "reward_x0" else 0)
+    budget = Budget(max_nfe=spm_nfe + 2 * 18 + 4)
+    tracker = NullTracker()
+    method.train(policy, Task(PROMPTS, RedReward(), train_steps=3, seed=0), budget, tracker)
+    assert (budget.sample_nfe, budget.grad_nfe, budget.reward_calls) == (spm_nfe + 20, 16, spm_calls + 2 * round_calls)
+    assert tracker.series("train/num_pairs") == [4.0, 4.0]
+    assert tracker.series("train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert changed(policy, before)
+    if preference_model == "spm":
+        assert len(tracker.series("train/spm_loss_last")) == 1
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="num_candidates"):
+        methods.load("spo", num_candidates=1)
+    with pytest.raises(ValueError, match="preference_model"):
+        methods.load("spo", preference_model="pickscore")
+    with pytest.raises(ValueError, match="train_steps"):
+        methods.load("spo").train(tiny_policy(), Task(PROMPTS, RedReward(), 1, 0), Budget(100), NullTracker())
