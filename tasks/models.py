@@ -59,7 +59,7 @@ for _spec in (
         pipeline_class="ToyPipeline",
         scheduler="ddim",
         resolution=32,
-        guidance_scale=3.0,
+        guidance_scale=1.0,
         step_counts=(1, 2, 4, 8, 16, 50),
         default_train_steps=4,
         native_scheduler="DDIMScheduler",

@@ -16,7 +16,7 @@ from tasks.tiny import build_tiny_sd, build_tiny_sdxl
 def test_zoo_entries():
     assert models.names() == ["sd-turbo", "sdxl-turbo", "toy-base", "toy-turbo"]
     base, turbo = models.get("toy-base"), models.get("toy-turbo")
-    assert (base.family, base.pipeline_class, base.scheduler, base.guidance_scale) == ("toy", "ToyPipeline", "ddim", 3.0)
+    assert (base.family, base.pipeline_class, base.scheduler, base.guidance_scale) == ("toy", "ToyPipeline", "ddim", 1.0)
     assert base.step_counts == (1, 2, 4, 8, 16, 50) and turbo.step_counts == (1, 2, 4, 8)
     assert turbo.guidance_scale == 0.0
     assert Path(base.source) == Path(models.__file__).parent / "toy" / "weights" / "toy-base"

@@ -106,7 +106,7 @@ def test_toy_lora_targets_convolutions_and_time_projection():
 
 def test_toy_cfg_combines_conditional_and_empty_prompt():
     pipe = toy_pipeline()
-    policy = Policy(pipe, zoo.get("toy-base"))  # toy-base: guidance 3
+    policy = Policy(pipe, zoo.get("toy-base"), guidance_scale=3.0)  # explicit CFG (toy-base samples without)
     assert policy.guidance_scale == 3.0 and policy.nfe_per_predict == 2
     prompts = ["a red circle", "two blue squares"]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -1,9 +1,10 @@
 """The recipe that builds the toy world's two checkpoints, and the measurement printed beside them.
 
 1. `toy-base`: v-prediction on the cosine schedule, trained on procedurally rendered images of the
-   pretraining prompts, 10% caption dropout (for guidance), EMA weights kept.
+   pretraining prompts, 10% caption dropout (for guidance), EMA weights kept. It is sampled without
+   guidance by default (guidance above ~2 hurts this model, see `TurboRecipe.teacher_guidance`).
 2. `toy-turbo`: "reflow in VP space" distillation with guidance baked in. The base samples (noise z ->
-   image x0) pairs with guidance and many DDIM steps; the student, initialised from the base, regresses
+   image x0) pairs with mild guidance (1.5) and 16 DDIM steps; the student, initialised from the base, regresses
    v on the straight path between z and x0 at timesteps that are half uniform and half on the 1/2/4/8-step
    trailing grids, so that one step from pure noise already lands on a clean image.
 
@@ -27,6 +28,7 @@ from . import verify, world
 from .pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
 
 WEIGHTS = Path(__file__).parent / "weights"
+BASE_GUIDANCE = 1.0  # toy-base is sampled without classifier-free guidance (see TurboRecipe.teacher_guidance)
 
 
 @dataclass
@@ -53,7 +55,10 @@ class TurboRecipe:
     pairs: int = 4096
     """Teacher (noise, image) pairs."""
     teacher_steps: int = 16
-    teacher_guidance: float = 3.0
+    teacher_guidance: float = 1.5
+    """Classifier-free guidance of the teacher's samples, baked into the student. Measured on toy-base
+    after 2,000 steps (16 DDIM steps, held-out prompts): `all` 0.76 without guidance, 0.77 at 1.5, 0.06 at
+    3.0 and 0.00 at 6.0 -- strong guidance pushes this tiny v-prediction model off its image manifold."""
     steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-4
@@ -240,17 +245,19 @@ def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None =
     if which == "toy-base" or not (base_dir / "model_index.json").exists():
         base = train_base(recipe.base, progress, checkpoints)
         base.save_pretrained(base_dir)
-        report["toy-base"] = {"seconds": round(time.time() - t0, 1), "recipe": asdict(recipe.base),
-                              "rewards": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=3.0,
-                                                 progress=progress),
-                              "rewards_hard": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=3.0,
-                                                      prompts=world.all_prompts("eval", hard=True),
-                                                      progress=progress),
-                              "guidance": 3.0, "n": n_measure}
-        (base_dir / "measured.json").write_text(json.dumps(report["toy-base"], indent=2))
+        (base_dir / "measured.json").unlink(missing_ok=True)
+        report["toy-base"] = {"seconds": round(time.time() - t0, 1)}
     else:
         base = ToyPipeline.from_pretrained(base_dir)
         base.set_progress_bar_config(disable=True)
+    if not (base_dir / "measured.json").exists():
+        entry = report.setdefault("toy-base", {})
+        entry.update({"recipe": asdict(recipe.base), "guidance": BASE_GUIDANCE, "n": n_measure,
+                      "rewards": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=BASE_GUIDANCE,
+                                         progress=progress),
+                      "rewards_hard": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=BASE_GUIDANCE,
+                                              prompts=world.all_prompts("eval", hard=True), progress=progress)})
+        (base_dir / "measured.json").write_text(json.dumps(entry, indent=2))
     if which == "toy-turbo":
         t1 = time.time()
         turbo = train_turbo(base, recipe.turbo, progress, checkpoints)
