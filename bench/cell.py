@@ -1,0 +1,308 @@
+"""One benchmark cell: (model, reward, method, K, seed) -> train within a budget -> evaluate at every S -> MLflow.
+
+    status = run_cell(cfg, grid="toy")      # "finished" | "skipped" | "failed" | "running-elsewhere"
+
+Resume and faults: a cell whose cell_id already has a FINISHED run in the grid's experiment is skipped; RUNNING
+runs of the cell whose process is dead (SIGKILL, OOM killer, crashed machine) are marked KILLED first and the
+cell reruns; a cell that raises is marked FAILED with the error text (tag ``error`` + ``error.txt``) and
+``run_cell`` returns "failed" so the grid goes on. On a SQLite store a lock file per cell_id (beside the
+database) keeps two workers from running the same cell at once (e.g. the shared base cell).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench import grid as grids
+from bench import tracking, validate
+
+log = logging.getLogger("bench.cell")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs (sampled every `interval` s), plus
+    torch.cuda.max_memory_allocated when on CUDA."""
+
+    def __init__(self, device: str, interval: float = 0.2):
+        self.device, self.interval = device, interval
+        self.peak_rss = 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        import psutil
+
+        proc = psutil.Process()
+        while True:
+            self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+            if self._stop.wait(self.interval):
+                break
+
+    def __enter__(self):
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def metrics(self) -> dict[str, float]:
+        import torch
+
+        out = {"cost/peak_rss_mb": self.peak_rss / 2**20}
+        if self.device.startswith("cuda"):
+            out["cost/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
+
+
+@contextlib.contextmanager
+def cell_lock(uri: str, cid: str) -> Iterator[None]:
+    """An exclusive per-cell file lock beside a SQLite database (released by the kernel if we are killed)."""
+    db = tracking._sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    lock_dir = db.resolve().parent / ".stepbench-locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{cid}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def policy_kwargs(cfg: dict, method_config: Any) -> dict[str, Any]:
+    """Policy construction arguments: cfg.policy, with lora_rank / full_finetune / lora_alpha / lora_targets
+    taken from the method's Config when it has those fields (its recipes decide, e.g. the toy full fine-tune)."""
+    kwargs = dict(cfg["policy"])
+    for key in ("lora_rank", "lora_alpha", "lora_targets", "full_finetune"):
+        if hasattr(method_config, key) and getattr(method_config, key) is not None:
+            kwargs[key] = getattr(method_config, key)
+    if kwargs.get("lora_targets") is not None:
+        kwargs["lora_targets"] = tuple(kwargs["lora_targets"])
+    return kwargs
+
+
+def _check_finite(policy) -> None:
+    import torch
+
+    for param in policy.trainable_parameters():
+        if not torch.isfinite(param).all():
+            raise FloatingPointError("trained weights contain NaN/inf (diverged training); the cell is FAILED")
+
+
+def _gain_over_base(cfg: dict, run: tracking.CellRun, scores) -> dict[str, float]:
+    """Paired gain over the base cell at each (reward, S): mean and standard error of value - base value over the
+    same (prompt, initial noise) samples (design.md: differences between methods are paired). {} without a
+    finished base run of the same eval settings."""
+    import pandas as pd
+
+    experiment_id = run.client.get_run(run.run_id).info.experiment_id
+    base_run = run.store.finished_run(experiment_id, grids.cell_id(grids.base_config(cfg)))
+    if base_run is None:
+        return {}
+    try:
+        base_scores = pd.read_parquet(tracking.artifact_path(run.store.uri, base_run.info.run_id,
+                                                             "eval/scores.parquet"))
+    except FileNotFoundError:
+        return {}
+    keys = ["reward", "S", "sample_idx"]
+    paired = scores[keys + ["value"]].merge(base_scores[keys + ["value"]], on=keys, suffixes=("", "_base"))
+    out = {}
+    for (reward, num_steps), group in paired.groupby(["reward", "S"]):
+        delta = group["value"] - group["value_base"]
+        out[f"eval/{reward}/s{num_steps}/gain_over_base"] = float(delta.mean())
+        out[f"eval/{reward}/s{num_steps}/gain_se"] = float(delta.std(ddof=1) / len(delta) ** 0.5) if len(delta) > 1 \
+            else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the cell
+
+
+def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, Any] | None = None,
+             train_hook: Callable[..., Any] | None = None) -> str:
+    """Run one cell unless a FINISHED run of it exists; never raises for a failing cell (returns "failed", or
+    "killed" when the exception carries ``mlflow_status = "KILLED"``, e.g. a pruned sweep trial).
+
+    tags: extra MLflow run tags. train_hook(method, policy, task, budget, tracker) -> tracker: called just before
+    training; the tracker it returns is the one the method gets (bench.sweep reports and prunes through it)."""
+    cfg = grids._plain(cfg)
+    validate.check_config(cfg)
+    import torch
+
+    torch.set_num_threads(int(cfg["threads"]))
+    store = tracking.Store(cfg["tracking"]["uri"])
+    experiment_id = store.experiment_id(grid)
+    if cfg.get("with_base", True) and not grids.is_base(cfg):
+        base_status = run_cell(grids.base_config(cfg), grid, index=index + "(base) " if index else "(base) ")
+        if base_status == "failed":
+            log.warning("the base cell failed; running %s anyway", grids.cell_run_name(cfg))
+    cid = grids.cell_id(cfg)
+    name = grids.cell_run_name(cfg)
+    with cell_lock(store.uri, cid):
+        for run_id in store.reap_stale(experiment_id, cid):
+            print(f"{index}marked stale run {run_id} of {name} KILLED (its process is gone)", flush=True)
+        done = store.finished_run(experiment_id, cid)
+        if done is not None:
+            print(f"{index}skip {name}: cell {cid} already FINISHED (run {done.info.run_id})", flush=True)
+            return "skipped"
+        live = store.live_run(experiment_id, cid)
+        if live is not None:
+            print(f"{index}skip {name}: run {live.info.run_id} of this cell is RUNNING in another process",
+                  flush=True)
+            return "running-elsewhere"
+        run_tags = {
+            "method": cfg["method"]["name"], "model": cfg["model"]["name"], "reward": cfg["reward"]["name"],
+            "train_steps": 0 if grids.is_base(cfg) else grids.resolved_train_steps(cfg), "seed": cfg["seed"],
+            "grid": grid, "cell_id": cid, "git_commit": tracking.git_commit(),
+            "stepbench_version": tracking.stepbench_version(), "device": cfg["device"],
+            "recipe": cfg["recipe"]["name"], **(tags or {}),
+        }
+        tic = time.perf_counter()
+        try:
+            with store.start_run(experiment_id, name, run_tags, system_metrics=cfg["tracking"]["system_metrics"],
+                                 flush_every=cfg["tracking"]["flush_every"],
+                                 flush_seconds=cfg["tracking"]["flush_seconds"]) as run:
+                print(f"{index}run  {name} (cell {cid}, run {run.run_id})", flush=True)
+                _execute(cfg, run, train_hook)
+        except Exception as err:  # noqa: BLE001 - any failure of one cell must not stop the grid
+            status = getattr(err, "mlflow_status", "FAILED")
+            if status == "FAILED":
+                log.exception("cell %s failed", name)
+            print(f"{index}{status} {name}: {type(err).__name__}: {err}", flush=True)
+            return status.lower()
+        print(f"{index}done {name} in {time.perf_counter() - tic:.1f} s", flush=True)
+        return "finished"
+
+
+def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | None = None) -> None:
+    import tempfile
+
+    import torch
+    import yaml
+
+    import methods
+    import tasks.models as models
+    import tasks.prompts as prompt_sets
+    import tasks.rewards as rewards
+    from bench import evaluate as ev
+    from methods.common import Budget, Task, seed_everything
+    from methods.policy import load_policy
+
+    wall = time.perf_counter()
+    device, seed = cfg["device"], int(cfg["seed"])
+    base = grids.is_base(cfg)
+    k = 0 if base else grids.resolved_train_steps(cfg)
+    run.log_params(tracking.flatten(cfg) | {"train_steps_resolved": k, "cell_id": grids.cell_id(cfg)})
+    config_text = yaml.safe_dump(cfg, sort_keys=False)
+    run.log_text(config_text, "config.yaml")
+
+    with PeakMemory(device) as memory, tempfile.TemporaryDirectory(prefix="stepbench-cell-") as tmp:
+        tmp = Path(tmp)
+        seed_everything(seed)
+        spec = models.get(cfg["model"]["name"])
+        train_set = prompt_sets.load(cfg["prompts"])
+        eval_prompts = list(prompt_sets.load(cfg["eval"]["prompts"]).eval)
+        run.log_prompts(eval_prompts, name=f"{cfg['eval']['prompts']}/eval", context="eval")
+        if not base:
+            run.log_prompts(list(train_set.train), name=f"{cfg['prompts']}/train", context="train")
+
+        reward = rewards.load(cfg["reward"]["name"], **cfg["reward"]["options"]).to(device)
+        eval_rewards = {cfg["reward"]["name"]: reward}
+        for name in cfg["eval"]["rewards"]:
+            if name not in eval_rewards:
+                eval_rewards[name] = rewards.load(name).to(device)
+
+        method = methods.load(cfg["method"]["name"], **validate.method_fields(cfg["method"]))
+        policy = load_policy(spec.name, path=cfg["model"]["path"], device=device,
+                             dtype=getattr(torch, cfg["dtype"]), **policy_kwargs(cfg, method.config))
+        budget = Budget(int(cfg["budget"]["nfe"]), cfg["budget"]["reward_calls"])
+        task = Task(prompts=list(train_set.train), reward=reward, train_steps=k or spec.default_train_steps,
+                    seed=seed, device=device)
+        tracker = run.tracker(show_progress=cfg["progress"])
+
+        method_tracker = tracker if train_hook is None else train_hook(method, policy, task, budget, tracker)
+        tic = time.perf_counter()
+        method.train(policy, task, budget, method_tracker)
+        train_seconds = time.perf_counter() - tic
+        run.flush()
+        _check_finite(policy)
+
+        tic = time.perf_counter()
+        result = ev.evaluate(method, policy, eval_prompts, list(cfg["eval"]["steps"]), eval_rewards,
+                             n=int(cfg["eval"]["n"]), eval_seed=int(cfg["eval"]["seed"]),
+                             batch_size=int(cfg["eval"]["batch_size"]), grid_images=int(cfg["eval"]["grid_images"]),
+                             progress=tracker.progress)
+        eval_seconds = time.perf_counter() - tic
+
+        scores = result.scores
+        scores.insert(0, "run_id", run.run_id)
+        scores.insert(1, "cell_id", grids.cell_id(cfg))
+        scores.insert(2, "method", cfg["method"]["name"])
+        scores.insert(6, "seed", seed)  # after prompt, prompt_idx, sample_idx
+        scores["model"] = cfg["model"]["name"]
+        scores["train_steps"] = k
+        scores["eval_seed"] = int(cfg["eval"]["seed"])
+        scores_path = tmp / "scores.parquet"
+        scores.to_parquet(scores_path, index=False)
+        run.log_artifact(scores_path, "eval")
+        summary = ev.summarize(scores)
+        summary_path = tmp / "summary.csv"
+        summary.to_csv(summary_path, index=False)
+        run.log_artifact(summary_path, "eval")
+
+        train_reward = cfg["reward"]["name"]
+        for num_steps, images in result.images.items():
+            if len(images) == 0:
+                continue
+            first = scores[(scores.S == num_steps) & (scores.reward == train_reward)].sort_values("sample_idx")
+            png = ev.save_grid(images, first.prompt.tolist()[:len(images)], first.value.tolist()[:len(images)],
+                               tmp / f"grid_s{num_steps}.png", reward=train_reward,
+                               title=f"{grids.cell_run_name(cfg)}  S={num_steps}")
+            run.log_artifact(png, "eval")
+
+        curve = ev.save_training_curve(tracker.history, tmp / "train_curve.png", title=grids.cell_run_name(cfg))
+        if curve is not None:
+            run.log_artifact(curve)
+        if cfg["tracking"]["save_adapter"] and not base and budget.total_nfe > 0:
+            adapter = policy.save_adapter(tmp / "adapter" / "adapter.safetensors")
+            run.log_artifact(adapter, "adapter")
+
+    metrics = ev.summary_metrics(summary)
+    for name in eval_rewards:
+        metrics |= ev.step_generalization(summary, name)
+    metrics |= {
+        "cost/sample_nfe": budget.sample_nfe, "cost/grad_nfe": budget.grad_nfe, "cost/train_nfe": budget.total_nfe,
+        "cost/reward_calls": budget.reward_calls, "cost/budget_nfe": int(cfg["budget"]["nfe"]),
+        "cost/eval_nfe": sum(result.nfe.values()), "cost/eval_extra_nfe": sum(result.extra_nfe.values()),
+        "cost/eval_search_reward_calls": sum(result.reward_calls.values()),
+        "cost/eval_reward_calls": result.score_calls,
+        "cost/train_seconds": train_seconds, "cost/eval_seconds": eval_seconds,
+        "cost/wall_seconds": time.perf_counter() - wall,
+    }
+    for num_steps in result.nfe:
+        metrics[f"cost/eval_nfe/s{num_steps}"] = result.nfe[num_steps]
+        metrics[f"cost/eval_extra_nfe/s{num_steps}"] = result.extra_nfe[num_steps]
+        metrics[f"cost/eval_seconds/s{num_steps}"] = result.seconds[num_steps]
+    metrics |= memory.metrics()
+    if not base:
+        metrics |= _gain_over_base(cfg, run, scores)
+    run.log_metrics(metrics, step=budget.total_nfe)
+    run.flush()

@@ -1,0 +1,158 @@
+"""Grids: expanding the command line into cells, composing each cell's config, and a cell's identity.
+
+A cell is a pure function of its resolved config. Its identity (``cell_id``) is a hash of the config's
+SEMANTIC keys only: model, reward, method and its fields (minus the method's ``Config.non_semantic``), K,
+seed, budget, training prompts, evaluation settings that change numbers (steps, n, prompt set, seed, rewards),
+policy settings, dtype. Device, threads, batch sizes that only trade memory for speed, tracking and progress
+settings are not part of it, so a cell reruns nowhere else on resume.
+
+The untrained ``base`` cell has no K, budget or method fields: its identity is (model, reward, seed, eval...),
+so every grid evaluates it once per (model, reward, seed) and every method's cell reuses it.
+
+``expand(overrides, multirun)`` reproduces Hydra's basic sweeper (grid file's ``hydra.sweeper.params``
+overridden by command-line sweeps) so that bench.run can compose and validate every cell of a grid before the
+first one starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+BASE = "base"
+# Settings that never change a cell's numbers (excluded from its identity).
+NON_SEMANTIC_TOP = ("device", "threads", "progress", "tracking", "with_base", "recipe", "hydra")
+NON_SEMANTIC_EVAL = ("batch_size", "grid_images")
+NON_SEMANTIC_POLICY = ("gradient_checkpointing",)
+
+
+def _plain(cfg: Any) -> dict:
+    """A resolved plain dict of a config (OmegaConf node or dict), without Hydra's own node."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = copy.deepcopy(dict(cfg))
+    cfg.pop("hydra", None)
+    return cfg
+
+
+def method_non_semantic(method_name: str) -> tuple[str, ...]:
+    import methods
+
+    try:
+        return tuple(getattr(methods.config_class(method_name), "non_semantic", ()) or ())
+    except (ImportError, ValueError):
+        return ()
+
+
+def resolved_train_steps(cfg: dict) -> int:
+    if cfg.get("train_steps") is not None:
+        return int(cfg["train_steps"])
+    import tasks.models as models
+
+    return int(models.get(cfg["model"]["name"]).default_train_steps)
+
+
+def is_base(cfg: dict) -> bool:
+    return cfg["method"]["name"] == BASE
+
+
+def cell_key(cfg: Any) -> dict:
+    """The semantic part of a resolved config (what cell_id hashes)."""
+    cfg = _plain(cfg)
+    method = cfg["method"]["name"]
+    base = method == BASE
+    skip = set(method_non_semantic(method))
+    from bench.validate import method_fields
+
+    fields = {k: v for k, v in method_fields(cfg["method"]).items() if k not in skip}
+    ev = cfg["eval"]
+    policy = {k: v for k, v in cfg["policy"].items() if k not in NON_SEMANTIC_POLICY}
+    return {
+        "model": cfg["model"],
+        "reward": cfg["reward"],
+        "method": {"name": method} if base else {"name": method, **fields},
+        "train_steps": 0 if base else resolved_train_steps(cfg),
+        "seed": int(cfg["seed"]),
+        "budget": None if base else cfg["budget"],
+        "prompts": None if base else cfg["prompts"],
+        "eval": {"steps": sorted(ev["steps"]), "n": ev["n"], "prompts": ev["prompts"], "seed": ev["seed"],
+                 "rewards": sorted(set(ev["rewards"]) | {cfg["reward"]["name"]})},
+        "policy": {"guidance_scale": policy.get("guidance_scale")} if base else policy,
+        "dtype": cfg["dtype"],
+    }
+
+
+def cell_id(cfg: Any) -> str:
+    text = json.dumps(cell_key(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def cell_run_name(cfg: Any) -> str:
+    from bench.tracking import run_name
+
+    cfg = _plain(cfg)
+    k = 0 if is_base(cfg) else resolved_train_steps(cfg)
+    return run_name(cfg["method"]["name"], cfg["model"]["name"], cfg["reward"]["name"], k, int(cfg["seed"]))
+
+
+def base_config(cfg: Any) -> dict:
+    """The untrained base cell of the same (model, reward, seed, eval settings)."""
+    cfg = _plain(cfg)
+    cfg["method"] = {"name": BASE}
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- composition
+
+
+def _is_hydra_override(line: str) -> bool:
+    key = line.lstrip("+~").split("=", 1)[0]
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def compose(overrides: list[str], *, hydra_node: bool = False):
+    """Compose bench/conf/config.yaml with overrides through Hydra's compose API (no job is run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bench.conf.schema import register
+
+    register()
+    was_initialized = GlobalHydra.instance().is_initialized()
+    if was_initialized:
+        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_node)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_node)
+
+
+def grid_choice(overrides: list[str]) -> str:
+    for line in overrides:
+        if line.startswith("grid="):
+            return line.split("=", 1)[1]
+    return "adhoc"
+
+
+def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The per-cell override lists Hydra will run: for a multirun, the grid file's hydra.sweeper.params with the
+    command line's values winning for the same key, as a cartesian product (Hydra's BasicSweeper order)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [o for o in overrides if not _is_hydra_override(o)]
+    if not multirun:
+        return [overrides]
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    cfg = compose(fixed, hydra_node=True)
+    params = cfg.hydra.sweeper.get("params") or {}
+    lines = [f"{k}={v}" for k, v in params.items()] + overrides
+    jobs = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)[0]
+    return [list(job) for job in jobs]

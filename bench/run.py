@@ -1,0 +1,178 @@
+"""The benchmark CLI (a Hydra app over bench/conf/).
+
+    python -m bench.run                                    # one cell: the defaults of bench/conf/config.yaml
+    python -m bench.run method=pso train_steps=2 seed=1    # one cell, overridden
+    python -m bench.run -m grid=smoke                      # a named grid (Hydra multirun), in-process
+    python -m bench.run -m grid=toy hydra/launcher=joblib  # ... on local worker processes (one per core)
+    python -m bench.run -m grid=toy hydra/launcher=submitit_slurm hydra.launcher.partition=gpu   # a cluster
+    python -m bench.run -m method=base,ddpo seed=0,1       # an ad-hoc sweep (experiment stepbench/adhoc)
+
+Before Hydra starts any job, every cell of the sweep is composed and validated (bench.validate): a bad name or
+value exits with status 2 and one message, before any model loads or any MLflow run exists. Each job then runs
+bench.cell.run_cell, which skips cells that already FINISHED (resume), marks failing cells FAILED and returns,
+so the grid goes on. At the end a summary of the cells' statuses is printed; the exit status is 1 if any
+cell's latest run is not FINISHED.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from bench.conf.schema import register
+from bench.validate import ConfigError, check_overrides
+
+register()
+log = logging.getLogger("bench.run")
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+@dataclass
+class Plan:
+    grid: str
+    multirun: bool
+    cells: list[dict] = field(default_factory=list)
+    """Resolved configs of every job, in launch order."""
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's composition error and its cause, on one line."""
+    parts = []
+    while err is not None and len(parts) < 3:
+        text = " ".join(str(err).split("full_key:")[0].split())
+        if text and text not in parts:
+            parts.append(text)
+        err = err.__cause__ or err.__context__
+    return "; ".join(parts)
+
+
+def _unknown_key_message(err: BaseException, overrides: list[str]) -> str | None:
+    """'unknown config key ...; valid keys under ...' for an override of a key the config does not have."""
+    import re
+
+    from bench import grid as grids
+
+    match = re.search(r"Could not override '([^']+)'", str(err))
+    if not match:
+        return None
+    key = match.group(1)
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(key + "=") and not grids._is_hydra_override(o)]
+    try:
+        node = grids.compose([o for o in rest if "," not in o])
+        for part in parent.split(".") if parent else []:
+            node = node[part]
+        valid = sorted(node.keys())
+    except Exception:  # noqa: BLE001 - fall back to Hydra's own message
+        return None
+    if leaf in valid:
+        return None
+    return f"unknown config key {key!r}; valid keys under {parent or 'the top level'!r}: {', '.join(valid)}"
+
+
+def prepare(overrides: list[str], multirun: bool) -> Plan:
+    """Compose and validate every cell of the run; raises ConfigError with one message."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bench import grid as grids
+    from bench.validate import check_config, check_tracking_uri
+
+    check_overrides(overrides)
+    grid = grids.grid_choice(overrides)
+    try:
+        jobs = grids.expand(overrides, multirun)
+        cells = [grids._plain(grids.compose(job)) for job in jobs]
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_unknown_key_message(err, overrides) or _one_line(err)) from None
+    for cell in cells:
+        check_config(cell)
+    for uri in sorted({cell["tracking"]["uri"] for cell in cells}):
+        check_tracking_uri(uri)
+    return Plan(grid=grid, multirun=multirun, cells=cells)
+
+
+def _open_experiments(plan: Plan) -> None:
+    """Create the grid's experiment once, in the parent (SQLite schema creation is not safe to race), and
+    mark RUNNING runs left by killed processes KILLED."""
+    from bench.tracking import Store
+
+    for uri in sorted({cell["tracking"]["uri"] for cell in plan.cells}):
+        store = Store(uri)
+        experiment_id = store.experiment_id(plan.grid)
+        reaped = store.reap_stale(experiment_id)
+        if reaped:
+            print(f"marked {len(reaped)} stale RUNNING run(s) of killed processes KILLED", flush=True)
+
+
+def summarize(plan: Plan) -> int:
+    """Print each cell's latest status; return the number of cells not FINISHED."""
+    from bench import grid as grids
+    from bench.tracking import Store
+
+    cells: dict[str, dict] = {}
+    for cell in plan.cells:
+        if cell.get("with_base", True) and not grids.is_base(cell):
+            base = grids.base_config(cell)
+            cells.setdefault(grids.cell_id(base), base)
+        cells.setdefault(grids.cell_id(cell), cell)
+    counts: dict[str, int] = {}
+    bad = []
+    stores: dict[str, Store] = {}
+    for cid, cell in cells.items():
+        uri = cell["tracking"]["uri"]
+        store = stores.setdefault(uri, Store(uri))
+        runs = store.cell_runs(store.experiment_id(plan.grid), cid)
+        status = "FINISHED" if any(r.info.status == "FINISHED" for r in runs) else (
+            max(runs, key=lambda r: r.info.start_time).info.status if runs else "MISSING")
+        counts[status] = counts.get(status, 0) + 1
+        if status != "FINISHED":
+            bad.append(f"  {status:8s} {grids.cell_run_name(cell)} (cell {cid})")
+    parts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    print(f"grid {plan.grid}: {len(cells)} cells: {parts}", flush=True)
+    for line in bad:
+        print(line, flush=True)
+    return len(bad)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> str:
+    from bench.cell import run_cell
+
+    hc = HydraConfig.get()
+    grid = hc.runtime.choices.get("grid") or "adhoc"
+    index = ""
+    if hc.mode is not None and hc.mode.name == "MULTIRUN":
+        total = os.environ.get("STEPBENCH_NUM_JOBS", "?")
+        index = f"[{int(hc.job.num) + 1}/{total}] "
+    return run_cell(cfg, grid, index=index)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    multirun = any(a in _MULTIRUN_FLAGS for a in argv)
+    other_flags = [a for a in argv if a.startswith("-") and a not in _MULTIRUN_FLAGS]
+    plan = None
+    if not other_flags:  # --help, --cfg job, --info ... go straight to Hydra
+        overrides = [a for a in argv if a not in _MULTIRUN_FLAGS]
+        try:
+            plan = prepare(overrides, multirun)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        os.environ["STEPBENCH_NUM_JOBS"] = str(len(plan.cells))
+        _open_experiments(plan)
+    sys.argv = [sys.argv[0] if sys.argv else "bench.run", *argv]
+    hydra_main()
+    if plan is not None and summarize(plan):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,562 @@
+"""MLflow, in one place: the only stepbench module that imports mlflow (reports read runs through it too).
+
+Conventions (design.md, "MLflow conventions"):
+- one experiment per grid, ``stepbench/<grid>``; one run per cell, named ``<method>/<model>/<reward>/k<K>/s<seed>``;
+- tags: method, model, reward, train_steps, seed, grid, cell_id, git_commit, stepbench_version, device
+  (plus ``stepbench.host/pid/pid_start`` so a later process can tell a live run from one whose process was killed);
+- params: the flattened resolved config; metrics ``train/*`` (step = NFEs consumed), ``eval/<reward>/s<S>/mean|std|n``,
+  ``cost/*``; artifacts ``config.yaml``, ``eval/scores.parquet``, ``eval/grid_s<S>.png``, adapter safetensors,
+  ``train_curve.png`` (and ``error.txt`` for a failed cell).
+
+Metrics are buffered and written with ``MlflowClient.log_batch``: on SQLite one ``log_metric`` call costs ~17 ms,
+1000 points in one batch ~0.25 s. mlflow itself is imported lazily so that ``python -m bench.run method=nope`` fails
+in well under a second.
+
+Read API for reports: ``list_experiments``, ``load_runs``, ``load_scores``, ``artifact_path``, ``metric_history``.
+CLI: ``python -m bench.tracking ui [--uri sqlite:///mlflow.db] [--port 5000]`` starts ``mlflow ui`` on 127.0.0.1;
+``python -m bench.tracking runs --grid toy`` prints a run table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+EXPERIMENT_PREFIX = "stepbench/"
+# Tags that identify a cell; reports group by them.
+CELL_TAGS = ("method", "model", "reward", "train_steps", "seed", "grid", "cell_id")
+_PROC_TAGS = ("stepbench.host", "stepbench.pid", "stepbench.pid_start")
+_PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
+_METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
+_MAX_PARAM_LEN = 6000
+_MAX_TAG_LEN = 8000
+
+
+class TrackingURIError(ValueError):
+    """The tracking URI cannot be used (unreachable host, unwritable SQLite directory, unknown scheme)."""
+
+
+# ----------------------------------------------------------------------------------------------- names
+
+
+def experiment_name(grid: str) -> str:
+    return f"{EXPERIMENT_PREFIX}{grid}"
+
+
+def run_name(method: str, model: str, reward: str, train_steps: int, seed: int) -> str:
+    return f"{method}/{model}/{reward}/k{train_steps}/s{seed}"
+
+
+def eval_metric_key(reward: str, num_steps: int, stat: str) -> str:
+    return f"eval/{reward}/s{num_steps}/{stat}"
+
+
+# ----------------------------------------------------------------------------------------------- URIs
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative paths are relative to the working directory)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    rest = uri[len("sqlite:"):]
+    if rest.startswith("///"):
+        return Path(rest[3:]) if rest[3:] else None
+    if rest.startswith("//"):
+        return Path(rest[2:])
+    return None
+
+
+def resolve_uri(uri: str | None) -> str:
+    """Make a relative SQLite URI absolute, so that worker processes with another working directory agree."""
+    uri = uri or DEFAULT_URI
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        return f"sqlite:///{path.resolve()}"
+    return uri
+
+
+def check_uri(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast on a tracking URI that cannot work; talks only to the URI's own host.
+
+    sqlite: the database's directory must exist (or be creatable) and be writable. http(s)/databases: a TCP
+    connection to host:port within ``timeout`` seconds. file: accepted as is (MLflow decides).
+    """
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme == "sqlite":
+        path = _sqlite_path(uri)
+        if path is None or str(path) in ("", ":memory:"):
+            raise TrackingURIError(f"tracking URI {uri!r}: expected sqlite:///<path to .db file>")
+        parent = path.resolve().parent
+        existing = parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise TrackingURIError(f"tracking URI {uri!r}: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK):
+            raise TrackingURIError(f"tracking URI {uri!r}: directory {parent} is not writable")
+        return
+    if scheme in ("", "file"):
+        return
+    if scheme in ("http", "https", "postgresql", "mysql", "mssql"):
+        host = parsed.hostname
+        if not host:
+            raise TrackingURIError(f"tracking URI {uri!r} names no host")
+        default_port = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme]
+        port = parsed.port or default_port
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as err:
+            raise TrackingURIError(
+                f"tracking URI {uri!r} is unreachable ({host}:{port}: {err.strerror or err}); start the server "
+                f"or pass tracking.uri=sqlite:///mlflow.db"
+            ) from None
+        return
+    if scheme == "databricks":
+        return
+    raise TrackingURIError(
+        f"tracking URI {uri!r}: unknown scheme {parsed.scheme!r}; use sqlite:///<file>, http(s)://host:port, "
+        f"or a database URL"
+    )
+
+
+def _artifact_root(uri: str) -> Path | None:
+    """Artifacts of a SQLite store live beside the database, in ``mlruns/`` (as MLflow's own default does)."""
+    path = _sqlite_path(uri)
+    return None if path is None else path.resolve().parent / "mlruns"
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
+# ----------------------------------------------------------------------------------------------- process identity
+
+
+def _process_tags() -> dict[str, str]:
+    import psutil
+
+    pid = os.getpid()
+    return {
+        "stepbench.host": socket.gethostname(),
+        "stepbench.pid": str(pid),
+        "stepbench.pid_start": f"{psutil.Process(pid).create_time():.3f}",
+    }
+
+
+def _process_alive(tags: dict[str, str]) -> bool | None:
+    """True/False when the run's process is (not) alive on this host; None when it ran on another host."""
+    import psutil
+
+    if tags.get("stepbench.host") != socket.gethostname() or "stepbench.pid" not in tags:
+        return None
+    try:
+        proc = psutil.Process(int(tags["stepbench.pid"]))
+        return abs(proc.create_time() - float(tags.get("stepbench.pid_start", "nan"))) < 0.01
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def git_commit(repo: Path | None = None) -> str:
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip()
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def stepbench_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("stepbench")
+    except Exception:  # not installed as a distribution (running from a checkout)
+        from bench import __version__
+
+        return __version__
+
+
+# ----------------------------------------------------------------------------------------------- write side
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1, "c": [1, 2]}} -> {"a.b": "1", "a.c": "[1, 2]"}: lists stay one param."""
+    out: dict[str, str] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        if not tree and prefix:
+            out[prefix[:-1]] = "{}"
+        return out
+    out[prefix[:-1]] = str(tree)[:_MAX_PARAM_LEN]
+    return out
+
+
+class Store:
+    """A connection to one tracking URI: experiments, cell lookup for resume, stale-run cleanup, new runs."""
+
+    def __init__(self, uri: str | None = None):
+        self.uri = resolve_uri(uri)
+        self.client = _client(self.uri)
+
+    def experiment_id(self, grid: str) -> str:
+        """The experiment of a grid, created on first use (artifacts beside a SQLite database)."""
+        from mlflow.exceptions import MlflowException
+
+        name = experiment_name(grid)
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        root = _artifact_root(self.uri)
+        location = None if root is None else (root / name.replace("/", "-")).as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another worker created it first
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def cell_runs(self, experiment_id: str, cell_id: str) -> list:
+        return list(self.client.search_runs([experiment_id], filter_string=f"tags.cell_id = '{cell_id}'",
+                                            max_results=1000))
+
+    def finished_run(self, experiment_id: str, cell_id: str):
+        """The newest FINISHED run of this cell, or None."""
+        runs = [r for r in self.cell_runs(experiment_id, cell_id) if r.info.status == "FINISHED"]
+        return max(runs, key=lambda r: r.info.start_time) if runs else None
+
+    def reap_stale(self, experiment_id: str, cell_id: str | None = None) -> list[str]:
+        """Mark RUNNING runs whose process is dead (killed, crashed machine) as KILLED; returns their ids.
+
+        A RUNNING run whose process still lives, or that ran on another host, is left alone."""
+        flt = "attributes.status = 'RUNNING'" + (f" and tags.cell_id = '{cell_id}'" if cell_id else "")
+        reaped = []
+        for run in self.client.search_runs([experiment_id], filter_string=flt, max_results=1000):
+            if _process_alive(run.data.tags) is False:
+                self.client.set_tag(run.info.run_id, "error", "process died while the run was RUNNING "
+                                    "(killed or crashed); marked KILLED on the next start")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                reaped.append(run.info.run_id)
+        return reaped
+
+    def live_run(self, experiment_id: str, cell_id: str):
+        """A RUNNING run of this cell whose process is alive on this host (another worker is on it), or None."""
+        for run in self.cell_runs(experiment_id, cell_id):
+            if run.info.status == "RUNNING" and _process_alive(run.data.tags):
+                return run
+        return None
+
+    @contextlib.contextmanager
+    def start_run(self, experiment_id: str, name: str, tags: dict[str, Any], *, system_metrics: bool = False,
+                  flush_every: int = 1000, flush_seconds: float = 15.0) -> Iterator[CellRun]:
+        """Open a run; it ends FINISHED when the block exits normally, FAILED (error tag + error.txt) otherwise.
+
+        The exception is re-raised: the caller decides whether the grid goes on."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        all_tags = {k: str(v) for k, v in tags.items()} | _process_tags()
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=all_tags,
+                                  log_system_metrics=system_metrics)
+        run = CellRun(self, active.info.run_id, flush_every=flush_every, flush_seconds=flush_seconds)
+        try:
+            yield run
+        except BaseException as err:
+            run.fail(err)
+            raise
+        else:
+            run.flush()
+            mlflow.end_run(status="FINISHED")
+
+
+class Tracker:
+    """What methods receive (methods.common.Tracker): buffered ``train/*`` metrics, step = NFEs consumed."""
+
+    def __init__(self, run: CellRun, prefix: str = "train/", show_progress: bool = True):
+        self._run = run
+        self.prefix = prefix
+        self.show_progress = show_progress
+        self.history: list[tuple[int, dict[str, float]]] = []  # for the training-curve PNG
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        metrics = {(k if k.startswith(self.prefix) else self.prefix + k): float(v) for k, v in metrics.items()}
+        self.history.append((int(step), metrics))
+        self._run.log_metrics(metrics, step=int(step))
+
+    @contextlib.contextmanager
+    def progress(self, total: int, desc: str) -> Iterator[Callable[..., None]]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, leave=False, disable=not self.show_progress, mininterval=1.0,
+                   dynamic_ncols=True)
+        try:
+            yield lambda n=1: bar.update(n)
+        finally:
+            bar.close()
+
+
+class CellRun:
+    """One open MLflow run: batched metrics, params, tags, artifacts, the prompts as a dataset input."""
+
+    def __init__(self, store: Store, run_id: str, *, flush_every: int = 1000, flush_seconds: float = 15.0):
+        self.store = store
+        self.client = store.client
+        self.run_id = run_id
+        self.flush_every = min(flush_every, _METRICS_PER_BATCH)
+        self.flush_seconds = flush_seconds
+        self._buffer: list = []
+        self._last_flush = time.monotonic()
+
+    def tracker(self, show_progress: bool = True) -> Tracker:
+        return Tracker(self, show_progress=show_progress)
+
+    # metrics -----------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(key, float(value), now, int(step)) for key, value in metrics.items())
+        if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:_METRICS_PER_BATCH], self._buffer[_METRICS_PER_BATCH:]
+            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+        self._last_flush = time.monotonic()
+
+    # params / tags ------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:_MAX_TAG_LEN]) for k, v in tags.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
+
+    # artifacts -----------------------------------------------------------------------------------
+    def log_artifact(self, local_path: str | Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_dir)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_prompts(self, prompts: list[str], name: str, context: str) -> None:
+        """The prompts as a dataset input of the run (mlflow.data.from_pandas + log_input)."""
+        import warnings
+
+        import mlflow
+        import pandas as pd
+
+        frame = pd.DataFrame({"prompt_idx": range(len(prompts)), "prompt": prompts})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "integer column(s)" schema hint: not a model input
+            dataset = mlflow.data.from_pandas(frame, name=name)
+            mlflow.log_input(dataset, context=context)
+
+    # end -----------------------------------------------------------------------------------------
+    def fail(self, err: BaseException) -> None:
+        """Mark the run FAILED with the error text as a tag and as ``error.txt`` (best effort)."""
+        import traceback
+
+        import mlflow
+
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else getattr(err, "mlflow_status", "FAILED")
+        with contextlib.suppress(Exception):
+            self.flush()
+        with contextlib.suppress(Exception):
+            self.set_tags({"error": f"{type(err).__name__}: {err}"[:_MAX_TAG_LEN]})
+        with contextlib.suppress(Exception):
+            self.log_text(text, "error.txt")
+        mlflow.end_run(status=status)
+
+
+# ----------------------------------------------------------------------------------------------- read side
+
+
+def list_experiments(uri: str = DEFAULT_URI, prefix: str = EXPERIMENT_PREFIX) -> list[str]:
+    """Names of the stepbench experiments (one per grid) in a store."""
+    client = _client(uri)
+    return sorted(e.name for e in client.search_experiments() if e.name.startswith(prefix))
+
+
+def _experiment_ids(client, experiment: str | list[str]) -> list[str]:
+    names = [experiment] if isinstance(experiment, str) else list(experiment)
+    ids = []
+    for name in names:
+        if not name.startswith(EXPERIMENT_PREFIX):
+            name = experiment_name(name)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            from tasks.registry import UnknownNameError
+
+            raise UnknownNameError("experiment", name, list_experiments(client.tracking_uri))
+        ids.append(exp.experiment_id)
+    return ids
+
+
+def load_runs(uri: str = DEFAULT_URI, experiment: str | list[str] = "toy", status: str | None = None):
+    """One row per run: run_id, run_name, status, start_time, end_time, artifact_uri, the cell tags as typed
+    columns (method, model, reward, train_steps, seed, grid, cell_id) and every ``tags.*``, ``params.*``,
+    ``metrics.*`` (latest value) column. ``experiment`` is a grid name ("toy") or a full experiment name;
+    ``status`` filters (e.g. "FINISHED")."""
+    import pandas as pd
+
+    client = _client(uri)
+    flt = f"attributes.status = '{status}'" if status else ""
+    rows = []
+    page_token = None
+    ids = _experiment_ids(client, experiment)
+    while True:
+        page = client.search_runs(ids, filter_string=flt, max_results=1000, page_token=page_token)
+        for run in page:
+            row = {
+                "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+                "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
+                "end_time": pd.to_datetime(run.info.end_time, unit="ms") if run.info.end_time else pd.NaT,
+                "artifact_uri": run.info.artifact_uri, "experiment_id": run.info.experiment_id,
+            }
+            row.update({key: run.data.tags.get(key) for key in CELL_TAGS})
+            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            rows.append(row)
+        page_token = page.token
+        if not page_token:
+            break
+    frame = pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status", *CELL_TAGS])
+    for col in ("train_steps", "seed"):
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
+    return frame.sort_values("start_time").reset_index(drop=True) if len(frame) else frame
+
+
+def artifact_path(uri: str, run_id: str, path: str, dst: str | Path | None = None) -> Path:
+    """A local file (or directory) for a run's artifact: the file itself for local artifact stores, else a
+    download (into `dst`, default a per-run temp folder). FileNotFoundError when the run has no such artifact."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run = _client(uri).get_run(run_id)
+    root = run.info.artifact_uri
+    if root.startswith("file:") or root.startswith("/"):
+        from urllib.request import url2pathname
+
+        local = Path(url2pathname(urlparse(root).path) if root.startswith("file:") else root) / path
+        if not local.exists():
+            raise FileNotFoundError(f"run {run_id} ({run.info.run_name}, {run.info.status}) has no artifact {path!r}")
+        return local
+    dst = Path(dst) if dst else Path(tempfile.gettempdir()) / "stepbench-artifacts" / run_id
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst),
+                                                    tracking_uri=resolve_uri(uri))
+    except MlflowException as err:
+        raise FileNotFoundError(f"run {run_id} ({run.info.run_name}, {run.info.status}) has no artifact "
+                                f"{path!r}: {err}") from None
+    return Path(local)
+
+
+def load_scores(uri: str, run_ids: list[str] | str, missing: str = "raise"):
+    """The per-image scores tables (``eval/scores.parquet``) of the given runs, concatenated; columns
+    run_id, cell_id, method, prompt, prompt_idx, sample_idx, seed, S, reward, value (+ model, train_steps,
+    eval_seed). ``missing="skip"`` ignores runs without scores (failed cells) instead of raising."""
+    import pandas as pd
+
+    run_ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
+    frames = []
+    for rid in run_ids:
+        try:
+            frames.append(pd.read_parquet(artifact_path(uri, rid, "eval/scores.parquet")))
+        except FileNotFoundError:
+            if missing != "skip":
+                raise
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "cell_id", "method", "prompt", "prompt_idx", "sample_idx", "seed",
+                                     "S", "reward", "value"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def metric_history(uri: str, run_id: str, key: str):
+    """All points of one metric of a run (e.g. ``train/reward_mean`` against NFEs): columns step, value, timestamp."""
+    import pandas as pd
+
+    points = _client(uri).get_metric_history(run_id, key)
+    return pd.DataFrame([(m.step, m.value, m.timestamp) for m in points], columns=["step", "value", "timestamp"])
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def ui_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The exact ``mlflow ui`` command for a store (artifacts of SQLite stores are read from beside the db)."""
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", resolve_uri(uri), "--host", host,
+           "--port", str(port)]
+    root = _artifact_root(resolve_uri(uri))
+    if root is not None:
+        cmd += ["--default-artifact-root", root.as_uri()]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.tracking", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    ui.add_argument("--uri", default=DEFAULT_URI)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--print", action="store_true", help="print the command instead of running it")
+    runs = sub.add_parser("runs", help="print the runs of a grid's experiment")
+    runs.add_argument("--uri", default=DEFAULT_URI)
+    runs.add_argument("--grid", default=None, help="grid name; default: list the experiments")
+    args = parser.parse_args(argv)
+    if args.cmd == "ui":
+        cmd = ui_command(args.uri, args.port)
+        print(" ".join(cmd), flush=True)
+        if args.print:
+            return 0
+        return subprocess.call(cmd)
+    if args.grid is None:
+        print("\n".join(list_experiments(args.uri)))
+        return 0
+    frame = load_runs(args.uri, args.grid)
+    cols = ["run_name", "status", "cell_id", *[c for c in frame.columns if c.endswith("/mean")][:8]]
+    buf = io.StringIO()
+    frame[[c for c in cols if c in frame]].to_string(buf, index=False)
+    print(buf.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

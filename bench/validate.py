@@ -1,0 +1,210 @@
+"""Check a run's configuration before any model loads or any MLflow run exists: one clear message, non-zero exit.
+
+Two stages:
+- ``check_overrides(argv overrides)``: import-free (Hydra's override parser only); every value given on the
+  command line for a config group (model=, reward=, method=, grid=, recipe=, including sweeps ``a,b``) must name
+  a YAML file in bench/conf/<group>/. This is what makes ``python -m bench.run method=nope`` fail in a second.
+- ``check_config(cfg)``: one composed cell config against the registries (tasks.models, tasks.rewards, methods,
+  tasks.prompts), the method's Config dataclass (unknown or invalid fields), positive budgets and step counts,
+  step counts the model supports (ModelSpec.step_counts), dtype and device. ``check_tracking_uri`` probes the
+  tracking URI (SQLite directory writable; for servers a TCP connect with a short timeout, to that host only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+GROUPS = ("model", "reward", "method", "recipe", "grid")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the value and the valid choices."""
+
+
+def conf_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files under bench/conf/<group>/ (nested ones as "dir/name")."""
+    root = CONF_DIR / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def _unknown(kind: str, name: Any, valid: Iterable[Any]) -> ConfigError:
+    return ConfigError(f"unknown {kind} {str(name)!r}; available: {', '.join(map(str, valid))}")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Import-free check of config-group choices given on the command line (sweeps included)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse the command line: {' '.join(str(err).split())}") from None
+    for override in parsed:
+        group = override.key_or_group
+        if group not in GROUPS or override.package is not None or override.is_delete():
+            continue
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                raise ConfigError(f"{group}: only comma-separated choices can be swept; got {override.input_line!r}")
+            values = list(override.sweep_string_iterator())
+        else:
+            values = [override.get_value_element_as_str()]
+        if group == "grid" and len(values) > 1:
+            raise ConfigError(f"sweep one grid at a time; got grid={','.join(values)}")
+        options = conf_options(group)
+        for value in values:
+            if value not in options:
+                raise _unknown(group, value, options)
+
+
+def _names_check(kind: str, name: str, valid: list[str]) -> None:
+    if name not in valid:
+        raise _unknown(kind, name, valid)
+
+
+def _positive_int(key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer; got {value!r}")
+
+
+def prompt_set_names() -> list[str] | None:
+    """tasks.prompts' names, or None when the module does not offer names() (then load() decides)."""
+    import tasks.prompts as prompts
+
+    names = getattr(prompts, "names", None)
+    return list(names()) if callable(names) else None
+
+
+RESERVED_METHOD_KEYS = ("name", "search_space")
+"""Keys of the method node that belong to the harness (registry name; bench.sweep's optional search space)."""
+
+
+def method_fields(method: Any) -> dict[str, Any]:
+    """The method node without the harness's reserved keys: the keyword overrides for methods.load."""
+    return {k: v for k, v in dict(method).items() if k not in RESERVED_METHOD_KEYS}
+
+
+def train_steps(cfg: Any) -> int:
+    """K for this cell: the configured one, or the model's default_train_steps."""
+    import tasks.models as models
+
+    return int(cfg.train_steps) if cfg.train_steps is not None else models.get(cfg.model.name).default_train_steps
+
+
+def check_config(cfg: Any) -> None:
+    """Validate one composed cell config (an OmegaConf node or a plain nested dict). Raises ConfigError."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True))
+
+    # --- numbers first: no imports needed
+    _positive_int("budget.nfe", cfg.budget.nfe)
+    _positive_int("budget.reward_calls", cfg.budget.reward_calls, allow_none=True)
+    _positive_int("train_steps", cfg.train_steps, allow_none=True)
+    _positive_int("eval.n", cfg.eval.n)
+    _positive_int("eval.batch_size", cfg.eval.batch_size)
+    _positive_int("threads", cfg.threads)
+    if cfg.eval.grid_images < 0:
+        raise ConfigError(f"eval.grid_images must be >= 0; got {cfg.eval.grid_images!r}")
+    steps = list(cfg.eval.steps)
+    if not steps:
+        raise ConfigError("eval.steps is empty; give at least one step count, e.g. eval.steps=[1,2,4,8]")
+    for s in steps:
+        _positive_int("eval.steps", s)
+    if len(set(steps)) != len(steps):
+        raise ConfigError(f"eval.steps has duplicates: {steps}")
+    if cfg.dtype not in DTYPES:
+        raise _unknown("dtype", cfg.dtype, DTYPES)
+
+    # --- registries (lazy: importing them loads no model)
+    import methods
+    import tasks.models as models
+    import tasks.rewards as rewards
+
+    _names_check("model", cfg.model.name, models.names())
+    spec = models.get(cfg.model.name)
+    if cfg.model.path is not None and not Path(cfg.model.path).exists():
+        raise ConfigError(f"model.path {cfg.model.path!r} does not exist (a save_pretrained folder of "
+                          f"{cfg.model.name})")
+    for s in steps:
+        if s not in spec.step_counts:
+            raise ConfigError(f"eval.steps: {s} is not a step count {spec.name} supports; valid: "
+                              f"{', '.join(map(str, spec.step_counts))}")
+    k = train_steps(cfg)
+    if k not in spec.step_counts:
+        raise ConfigError(f"train_steps: {k} is not a step count {spec.name} supports; valid: "
+                          f"{', '.join(map(str, spec.step_counts))}")
+
+    reward_names = rewards.names()
+    _names_check("reward", cfg.reward.name, reward_names)
+    try:
+        rewards.check_options(cfg.reward.name, rewards.REWARDS.get(cfg.reward.name), dict(cfg.reward.options))
+    except ValueError as err:
+        raise ConfigError(f"reward.options: {err}") from None
+    for name in cfg.eval.rewards:
+        if name not in reward_names:
+            raise ConfigError(f"eval.rewards: unknown reward {name!r}; available: {', '.join(reward_names)}")
+
+    for key in ("prompts", "eval.prompts"):
+        value = cfg.prompts if key == "prompts" else cfg.eval.prompts
+        valid = prompt_set_names()
+        if valid is not None:
+            if value not in valid:
+                raise ConfigError(f"{key}: unknown prompt set {value!r}; available: {', '.join(valid)}")
+        else:
+            import tasks.prompts as prompts
+            from tasks.registry import UnknownNameError
+
+            try:
+                prompts.load(value)
+            except UnknownNameError as err:
+                raise ConfigError(f"{key}: {err}") from None
+
+    method_name = cfg.method.name
+    _names_check("method", method_name, methods.names())
+    try:
+        methods.make_config(method_name, **method_fields(cfg.method))
+    except ImportError as err:
+        raise ConfigError(f"method {method_name!r} is registered but cannot be imported: {err}") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method.{method_name}: {err}") from None
+
+    _check_device(cfg.device)
+    if cfg.model.path is None and not spec.is_hub and not (Path(spec.source) / "model_index.json").is_file():
+        raise ConfigError(f"model {spec.name!r}: its shipped weights are missing ({spec.source} has no "
+                          f"model_index.json); regenerate them with `python -m bench.models build {spec.name}` "
+                          f"or pass model.path=<save_pretrained folder>")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:<i> or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available here; use device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} requested but MPS is not available here; use device=cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda, cuda:<i> or mps")
+
+
+def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
+    from bench.tracking import TrackingURIError, check_uri
+
+    try:
+        check_uri(uri, timeout=timeout)
+    except TrackingURIError as err:
+        raise ConfigError(str(err)) from None
