@@ -72,3 +72,84 @@ def build_toy(session: nox.Session) -> None:
     """Regenerate the toy world's weights (tens of minutes on 2 cores)."""
     install(session)
     session.run("python", "-m", "bench.models", "build", "toy-turbo", *session.posargs, env=ENV)
+
+
+# --------------------------------------------------------------------------------------------- real-model grids
+
+
+def _install_unless_passthrough(session: nox.Session, *extras: str) -> None:
+    """`nox --no-venv -s ...` runs in the current environment (stepbench already installed): nothing to install."""
+    if session.venv_backend != "none":
+        install(session, *extras)
+
+
+def _real_grid(session: nox.Session, grid: str) -> None:
+    """Plan + preflight (exit 3 within seconds if CUDA or weights are missing), the grid, then its report.
+
+    `-- --stand-in` runs the same grid on the CPU with tiny pipelines of the real classes and tiny reward models
+    (bench/standin.py), in minutes, into its own MLflow store; other posargs are Hydra overrides for every step."""
+    import json
+    from pathlib import Path
+
+    args = list(session.posargs)
+    standin = "--stand-in" in args
+    args = [a for a in args if a != "--stand-in"]
+    _install_unless_passthrough(session)
+    env, overrides, report = dict(ENV), [], ["--out", f"report-{grid}"]
+    if standin:
+        spec_file = Path(".stepbench-standin") / f"{grid}.json"
+        session.run("python", "-m", "bench.standin", grid, "--write", str(spec_file), env=env)
+        spec = json.loads(spec_file.read_text())
+        env, overrides = {**env, **spec["env"]}, spec["overrides"]
+        report = [*spec["report"], "--out", f"report-{grid}-standin"]
+    session.run("python", "-m", "bench.plan", "-m", f"grid={grid}", *overrides, *args, env=env)
+    from nox.command import CommandFailed
+
+    try:  # exit 1 = some cells FAILED (listed in the run's summary): still render the report of the others
+        session.run("python", "-m", "bench.run", "-m", f"grid={grid}", *overrides, *args, env=env)
+        failed = False
+    except CommandFailed as err:
+        if err.return_code != 1:
+            raise
+        failed = True
+    session.run("python", "-m", "reports", "--experiment", f"stepbench/{grid}", *report, env=env)
+    if failed:
+        session.error(f"grid {grid}: some cells FAILED (see the summary above); the report shows the others")
+
+
+@nox.session(name="bench-sdxl-turbo")
+def bench_sdxl_turbo(session: nox.Session) -> None:
+    """grid=sdxl-turbo on CUDA (plan, preflight, run, report); `-- --stand-in`: tiny stand-ins on the CPU."""
+    _real_grid(session, "sdxl-turbo")
+
+
+@nox.session(name="bench-sd-turbo")
+def bench_sd_turbo(session: nox.Session) -> None:
+    """grid=sd-turbo on CUDA (plan, preflight, run, report); `-- --stand-in`: tiny stand-ins on the CPU."""
+    _real_grid(session, "sd-turbo")
+
+
+@nox.session(name="mlflow-server")
+def mlflow_server(session: nox.Session) -> None:
+    """An MLflow tracking server for parallel workers: a database backend and a proxied artifact store.
+
+    Workers log with tracking.uri=http://127.0.0.1:5000; reports read it with --tracking-uri http://127.0.0.1:5000.
+    $MLFLOW_BACKEND_STORE_URI (default sqlite:///mlflow-server.db; shared: postgresql+psycopg2://user@host:5432/mlflow),
+    $MLFLOW_ARTIFACTS_DESTINATION (default ./mlartifacts; shared: a path every worker sees, or s3://...),
+    $MLFLOW_HOST (default 127.0.0.1), $MLFLOW_PORT (default 5000), $MLFLOW_WORKERS (default 2). posargs go to
+    `mlflow server` (e.g. --allowed-hosts for a cluster)."""
+    backend = os.environ.get("MLFLOW_BACKEND_STORE_URI", "sqlite:///mlflow-server.db")
+    _install_unless_passthrough(session, *(["postgres"] if backend.startswith("postgresql") else []))
+    session.run("mlflow", "server", "--backend-store-uri", backend,
+                "--artifacts-destination", os.environ.get("MLFLOW_ARTIFACTS_DESTINATION", "./mlartifacts"),
+                "--host", os.environ.get("MLFLOW_HOST", "127.0.0.1"), "--port", os.environ.get("MLFLOW_PORT", "5000"),
+                "--workers", os.environ.get("MLFLOW_WORKERS", "2"), *session.posargs,
+                env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """Performance benchmarks -> perf.json + perf.md (sampler vs pipeline, per-method toy cells, grid scaling,
+    paper estimate; bench/perf.py). posargs go to `python -m bench.perf` (e.g. --quick, --toy-grid)."""
+    install(session)
+    session.run("python", "-m", "bench.perf", "--out", "perf.json", "--markdown", "perf.md", *session.posargs, env=ENV)

@@ -5,8 +5,9 @@
 Resume and faults: a cell whose cell_id already has a FINISHED run in the grid's experiment is skipped; RUNNING
 runs of the cell whose process is dead (SIGKILL, OOM killer, crashed machine) are marked KILLED first and the
 cell reruns; a cell that raises is marked FAILED with the error text (tag ``error`` + ``error.txt``) and
-``run_cell`` returns "failed" so the grid goes on. On a SQLite store a lock file per cell_id (beside the
-database) keeps two workers from running the same cell at once (e.g. the shared base cell).
+``run_cell`` returns "failed" so the grid goes on. A lock file per cell_id (beside a SQLite database; for a
+tracking server, in the temp directory, per server URI) keeps two workers on one machine from running the same
+cell at once (e.g. the shared base cell). Memory/speed settings and data-parallel training: bench/accel.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import accel, tracking, validate
 from bench import grid as grids
-from bench import tracking, validate
 
 log = logging.getLogger("bench.cell")
 
@@ -70,14 +71,18 @@ class PeakMemory:
 
 @contextlib.contextmanager
 def cell_lock(uri: str, cid: str) -> Iterator[None]:
-    """An exclusive per-cell file lock beside a SQLite database (released by the kernel if we are killed)."""
-    db = tracking._sqlite_path(uri)
-    if db is None:
-        yield
-        return
+    """An exclusive per-cell file lock (released by the kernel if we are killed): beside a SQLite database, or
+    for any other store in <tmp>/stepbench-locks/<hash of the URI>/, which serialises the workers of one machine
+    (joblib); workers on different machines rely on the RUNNING-run check alone."""
     import fcntl
+    import hashlib
+    import tempfile
 
-    lock_dir = db.resolve().parent / ".stepbench-locks"
+    db = tracking._sqlite_path(uri)
+    if db is not None:
+        lock_dir = db.resolve().parent / ".stepbench-locks"
+    else:
+        lock_dir = Path(tempfile.gettempdir()) / "stepbench-locks" / hashlib.sha1(uri.encode()).hexdigest()[:12]
     lock_dir.mkdir(parents=True, exist_ok=True)
     with open(lock_dir / f"{cid}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -148,6 +153,9 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
     import torch
 
     torch.set_num_threads(int(cfg["threads"]))
+    dp = accel.data_parallel()
+    if dp is not None and not dp.is_main:
+        return _follow(cfg, dp, index)
     store = tracking.Store(cfg["tracking"]["uri"])
     experiment_id = store.experiment_id(grid)
     if cfg.get("with_base", True) and not grids.is_base(cfg):
@@ -162,11 +170,15 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
         done = store.finished_run(experiment_id, cid)
         if done is not None:
             print(f"{index}skip {name}: cell {cid} already FINISHED (run {done.info.run_id})", flush=True)
+            if dp is not None:
+                dp.announce(cid, "skip")
             return "skipped"
         live = store.live_run(experiment_id, cid)
         if live is not None:
             print(f"{index}skip {name}: run {live.info.run_id} of this cell is RUNNING in another process",
                   flush=True)
+            if dp is not None:
+                dp.announce(cid, "skip")
             return "running-elsewhere"
         run_tags = {
             "method": cfg["method"]["name"], "model": cfg["model"]["name"], "reward": cfg["reward"]["name"],
@@ -175,6 +187,9 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
             "stepbench_version": tracking.stepbench_version(), "device": cfg["device"],
             "recipe": cfg["recipe"]["name"], **(tags or {}),
         }
+        if dp is not None:
+            run_tags["world_size"] = dp.world_size
+            dp.announce(cid, "run")
         tic = time.perf_counter()
         try:
             with store.start_run(experiment_id, name, run_tags, system_metrics=cfg["tracking"]["system_metrics"],
@@ -192,7 +207,25 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
         return "finished"
 
 
-def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | None = None) -> None:
+def _follow(cfg: dict, dp: accel.DataParallel, index: str = "") -> str:
+    """A rank > 0 of a data-parallel cell: wait for rank 0 to run or skip it; if it runs, train in lockstep
+    (nothing is logged: rank 0 alone talks to MLflow and evaluates)."""
+    cid, name = grids.cell_id(cfg), grids.cell_run_name(cfg)
+    decision = dp.decision(cid)
+    if decision != "run":
+        print(f"{index}rank {dp.rank}: rank 0 skips {name}", flush=True)
+        return "skipped"
+    try:
+        _execute(cfg, accel.NullRun(), dp=dp)
+    except Exception as err:  # noqa: BLE001 - as run_cell: report, do not stop the grid
+        log.exception("rank %d: cell %s failed", dp.rank, name)
+        print(f"{index}rank {dp.rank} FAILED {name}: {type(err).__name__}: {err}", flush=True)
+        return "failed"
+    return "finished"
+
+
+def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | None = None, *,
+             dp: accel.DataParallel | None = None) -> None:
     import tempfile
 
     import torch
@@ -207,7 +240,9 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
     from methods.policy import load_policy
 
     wall = time.perf_counter()
-    device, seed = cfg["device"], int(cfg["seed"])
+    dp = dp if dp is not None else accel.data_parallel()
+    device, seed = (dp.device(cfg["device"]) if dp else cfg["device"]), int(cfg["seed"])
+    accel.configure_backends(device, cfg.get("tf32", True))
     base = grids.is_base(cfg)
     k = 0 if base else grids.resolved_train_steps(cfg)
     run.log_params(tracking.flatten(cfg) | {"train_steps_resolved": k, "cell_id": grids.cell_id(cfg)})
@@ -224,24 +259,44 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
         if not base:
             run.log_prompts(list(train_set.train), name=f"{cfg['prompts']}/train", context="train")
 
-        reward = rewards.load(cfg["reward"]["name"], **cfg["reward"]["options"]).to(device)
+        offload = cfg.get("offload_rewards", False)
+        reward = accel.place_reward(rewards.load(cfg["reward"]["name"], **cfg["reward"]["options"]), device, offload)
         eval_rewards = {cfg["reward"]["name"]: reward}
         for name in cfg["eval"]["rewards"]:
-            if name not in eval_rewards:
-                eval_rewards[name] = rewards.load(name).to(device)
+            if name not in eval_rewards and (dp is None or dp.is_main):  # ranks > 0 do not evaluate
+                eval_rewards[name] = accel.place_reward(rewards.load(name), device, offload)
 
         method = methods.load(cfg["method"]["name"], **validate.method_fields(cfg["method"]))
         policy = load_policy(spec.name, path=cfg["model"]["path"], device=device,
                              dtype=getattr(torch, cfg["dtype"]), **policy_kwargs(cfg, method.config))
-        budget = Budget(int(cfg["budget"]["nfe"]), cfg["budget"]["reward_calls"])
+        accel.autocast_denoiser(policy, cfg.get("precision", "fp32"))
+        nfe, reward_calls = int(cfg["budget"]["nfe"]), cfg["budget"]["reward_calls"]
+        train_seed = seed
+        if dp is not None:  # the cell's budget is shared by the ranks; each draws its own data
+            nfe, train_seed = dp.share_budget(nfe), dp.rank_seed(seed)
+            reward_calls = None if reward_calls is None else dp.share_budget(reward_calls)
+            seed_everything(train_seed)
+        budget = Budget(nfe, reward_calls)
         task = Task(prompts=list(train_set.train), reward=reward, train_steps=k or spec.default_train_steps,
-                    seed=seed, device=device)
+                    seed=train_seed, device=device)
         tracker = run.tracker(show_progress=cfg["progress"])
 
         method_tracker = tracker if train_hook is None else train_hook(method, policy, task, budget, tracker)
+        if dp is not None:
+            method_tracker = accel.ScaledTracker(method_tracker, dp.world_size)
         tic = time.perf_counter()
-        method.train(policy, task, budget, method_tracker)
+        sync = dp.training(policy.trainable_parameters()) if dp is not None else contextlib.nullcontext()
+        with sync as gradient_sync, accel.optimizers(cfg.get("adam_8bit", False)):
+            method.train(policy, task, budget, method_tracker)
         train_seconds = time.perf_counter() - tic
+        if dp is not None:
+            sample_nfe, grad_nfe, calls = dp.sum_counts([budget.sample_nfe, budget.grad_nfe, budget.reward_calls])
+            budget.load_dict({"sample_nfe": sample_nfe, "grad_nfe": grad_nfe, "reward_calls": calls})
+            print(f"data-parallel rank {dp.rank}/{dp.world_size}: training seed {train_seed}, "
+                  f"{gradient_sync.syncs} gradient all-reduces, adapters sha1 {accel.adapter_digest(policy)}",
+                  flush=True)
+            if not dp.is_main:
+                return
         run.flush()
         _check_finite(policy)
 

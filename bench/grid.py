@@ -25,7 +25,8 @@ from typing import Any
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 BASE = "base"
 # Settings that never change a cell's numbers (excluded from its identity).
-NON_SEMANTIC_TOP = ("device", "threads", "progress", "tracking", "with_base", "recipe", "hydra")
+NON_SEMANTIC_TOP = ("device", "threads", "progress", "tracking", "with_base", "recipe", "hydra", "tf32",
+                    "offload_rewards")
 NON_SEMANTIC_EVAL = ("batch_size", "grid_images")
 NON_SEMANTIC_POLICY = ("gradient_checkpointing",)
 
@@ -85,6 +86,9 @@ def cell_key(cfg: Any) -> dict:
                  "rewards": sorted(set(ev["rewards"]) | {cfg["reward"]["name"]})},
         "policy": {"guidance_scale": policy.get("guidance_scale")} if base else policy,
         "dtype": cfg["dtype"],
+        # numerics settings that change numbers join the identity only when not default (older ids stay valid)
+        **{key: cfg[key] for key, default in (("precision", "fp32"), ("adam_8bit", False))
+           if cfg.get(key, default) != default},
     }
 
 

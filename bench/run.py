@@ -6,6 +6,8 @@
     python -m bench.run -m grid=toy hydra/launcher=joblib  # ... on local worker processes (one per core)
     python -m bench.run -m grid=toy hydra/launcher=submitit_slurm hydra.launcher.partition=gpu   # a cluster
     python -m bench.run -m method=base,ddpo seed=0,1       # an ad-hoc sweep (experiment stepbench/adhoc)
+    accelerate launch --multi_gpu --num_processes 8 -m bench.run model=sdxl-turbo method=ddpo ...
+                                                           # one cell trained data-parallel (bench/accel.py)
 
 Before Hydra starts any job, every cell of the sweep is composed and validated (bench.validate): a bad name or
 value exits with status 2 and one message, before any model loads or any MLflow run exists. Each job then runs
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     multirun = any(a in _MULTIRUN_FLAGS for a in argv)
     other_flags = [a for a in argv if a.startswith("-") and a not in _MULTIRUN_FLAGS]
+    # accelerate launch / torchrun: ranks > 0 of a data-parallel cell never touch MLflow (bench/accel.py)
+    follower = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0
     plan = None
     if not other_flags:  # --help, --cfg job, --info ... go straight to Hydra
         overrides = [a for a in argv if a not in _MULTIRUN_FLAGS]
@@ -167,10 +171,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
         os.environ["STEPBENCH_NUM_JOBS"] = str(len(plan.cells))
-        _open_experiments(plan)
+        if not follower:
+            _open_experiments(plan)
     sys.argv = [sys.argv[0] if sys.argv else "bench.run", *argv]
     hydra_main()
-    if plan is not None and summarize(plan):
+    if plan is not None and not follower and summarize(plan):
         sys.exit(1)
 
 

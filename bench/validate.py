@@ -19,6 +19,7 @@ from typing import Any
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("model", "reward", "method", "recipe", "grid")
 DTYPES = ("float32", "float16", "bfloat16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -122,6 +123,8 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"eval.steps has duplicates: {steps}")
     if cfg.dtype not in DTYPES:
         raise _unknown("dtype", cfg.dtype, DTYPES)
+    if cfg.get("precision", "fp32") not in PRECISIONS:
+        raise _unknown("precision", cfg.precision, PRECISIONS)
 
     # --- registries (lazy: importing them loads no model)
     import methods
@@ -177,6 +180,13 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"method.{method_name}: {err}") from None
 
     _check_device(cfg.device)
+    if cfg.get("adam_8bit", False):
+        from bench.accel import MissingExtraError, check
+
+        try:
+            check({"adam_8bit": True, "device": cfg.device})
+        except (MissingExtraError, ValueError) as err:
+            raise ConfigError(str(err)) from None
     if cfg.model.path is None and not spec.is_hub and not (Path(spec.source) / "model_index.json").is_file():
         raise ConfigError(f"model {spec.name!r}: its shipped weights are missing ({spec.source} has no "
                           f"model_index.json); regenerate them with `python -m bench.models build {spec.name}` "

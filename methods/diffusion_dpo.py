@@ -123,9 +123,11 @@ class Config:
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # toy recipe 2 with the suggestions it lists: reflow-paired noise, every grid step per pair, 8 samples
         # per prompt, an SFT term on winners. Expect "no significant change" from the fresh-noise paper form.
+        # micro_batch: 64 pairs x 4 timesteps x 2 = 512 UNet rows in one backward peaked at 3.0 GB RSS on the CPU;
+        # chunks of 16 pairs peak at 1.3 GB and take half the CPU time (bench/perf.py). Memory only: non_semantic.
         "toy": dict(lr=5e-5, beta=5000.0, pairs_per_update=64, prompts_per_round=36, samples_per_prompt=8,
                     updates_per_round=8, noise="own", timesteps_per_pair=4, weight_decay=0.0, optimizer="adam",
-                    full_finetune=True),
+                    full_finetune=True, micro_batch=16),
     }
     non_semantic: ClassVar[tuple[str, ...]] = ("micro_batch",)
     """Fields that do not change the result (excluded from a cell's identity)."""

@@ -386,19 +386,19 @@ class SDPOMethod:
         n = len(prompts)
         x_T = torch.randn((n, *policy.latent_shape), generator=noise_gen, device=noise_gen.device)
         # Trajectory b starts from the same x_T with the same prompt; only the per-step DDIM noise differs.
+        # decode=False: the final latent is never looked at (the "last" image is the last step's x0-prediction).
         trajectory = sampling.sample(policy, prompts + prompts, num_steps, generator=noise_gen,
-                                     noise=torch.cat([x_T, x_T]).to(policy.device), kernel=cfg.kernel, eta=cfg.eta)
+                                     noise=torch.cat([x_T, x_T]).to(policy.device), kernel=cfg.kernel, eta=cfg.eta,
+                                     decode=False)
         budget.spend(sample_nfe=sample_nfe(2 * n, num_steps, policy.nfe_per_predict))
 
         x0_preds = trajectory.x0_preds  # (2n, T, C, h, w)
         s_first, s_last, s_anchor, anchor = step_similarities(x0_preds)
-        rows = torch.arange(2 * n, device=x0_preds.device)
         # The "last" image is the decoded x0-prediction of the last step, not the final latent (spec §3.2).
-        scored = torch.cat([x0_preds[:, 0], x0_preds[rows, anchor.to(x0_preds.device)], x0_preds[:, -1]])
-        images = torch.cat([policy.decode(chunk) for chunk in scored.split(2 * n)])  # (3 * 2n, 3, H, W)
-        scores = torch.as_tensor(reward(images, (prompts + prompts) * 3)).detach().float().cpu().reshape(-1)
+        scored_steps = torch.stack([torch.zeros_like(anchor), anchor, torch.full_like(anchor, x0_preds.shape[1] - 1)])
+        scores = score_steps(policy, reward, x0_preds, scored_steps, prompts + prompts)  # (3, 2n)
         budget.spend(reward_calls=3 * 2 * n)
-        reward_first, reward_anchor, reward_last = scores.view(3, 2 * n)
+        reward_first, reward_anchor, reward_last = scores
         s_first, s_last, s_anchor = s_first.cpu(), s_last.cpu(), s_anchor.cpu()
         rewards = dense_rewards(reward_first, reward_anchor, reward_last, s_first, s_anchor, s_last, anchor.cpu())
         info = {"reward_first": reward_first, "reward_anchor": reward_anchor, "reward_last": reward_last,
@@ -476,6 +476,21 @@ class SDPOMethod:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+
+def score_steps(policy, reward, x0_preds: torch.Tensor, steps: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Rewards of the decoded x0-predictions x0_preds[b, steps[j, b]]: (J, B) for steps (J, B) long, x0_preds
+    (B, T, C, h, w). First, anchor and last coincide for some rows (always at T = 1; at T = 2 the anchor is one of
+    the ends), so each distinct (row, step) is decoded and scored once, in batches of B, and the score reused (a
+    reward is a function of the image). The budget still counts J * B reward calls, the algorithm's own count."""
+    num_rows = x0_preds.shape[0]
+    keys = steps.cpu() * num_rows + torch.arange(num_rows)  # (J, B): one key per (step, row)
+    unique, inverse = torch.unique(keys.flatten(), return_inverse=True)  # step-major, like the (J, B) layout
+    rows, cols = unique % num_rows, unique // num_rows
+    latents = x0_preds[rows.to(x0_preds.device), cols.to(x0_preds.device)]
+    images = torch.cat([policy.decode(chunk) for chunk in latents.split(num_rows)])  # (U, 3, H, W)
+    values = torch.as_tensor(reward(images, [prompts[r] for r in rows.tolist()])).detach().float().cpu().reshape(-1)
+    return values[inverse].view(steps.shape)
 
 
 def stochastic_steps(policy, num_steps: int, eta: float, kernel: str | None) -> torch.Tensor:

@@ -6,7 +6,8 @@
 The dataclass is the single source of truth: every field with its paper default and its one-line docstring as
 the YAML comment; each entry of ``Config.presets`` (e.g. "toy", from toy-recipes.md) becomes
 ``tuning/<preset>/<method>.yaml``, which Hydra merges over the method file when ``recipe=<preset>``.
-``tuning/smoke/`` is written by hand (tiny batch sizes for CI) and never touched here.
+``tuning/smoke/`` (tiny batch sizes for CI), ``tuning/paper_nfe/`` (the papers' run-length caps off, for the
+real-model grids) and ``tuning/standin/`` (CPU stand-ins of those grids) are written by hand and never touched here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 
 CONF = Path(__file__).resolve().parent
-HAND_WRITTEN_PRESETS = ("smoke",)
+HAND_WRITTEN_PRESETS = ("smoke", "paper_nfe", "standin")
 
 
 def _scalar(value: Any) -> str:

@@ -110,6 +110,14 @@ class StepbenchConfig:
     """torch device for the cell (cpu, cuda, cuda:1, mps)."""
     dtype: str = "float32"
     """Weights/compute dtype of the frozen base model: float32, float16, bfloat16."""
+    precision: str = "fp32"
+    """Autocast of every denoiser forward: fp32 (off), bf16, fp16; log-probabilities stay float32 (bench/accel.py)."""
+    tf32: bool = True
+    """Allow TF32 tensor-core matmuls/convolutions for float32 work on CUDA (Ampere+); no effect on the CPU."""
+    adam_8bit: bool = False
+    """bitsandbytes 8-bit Adam/AdamW states for the method's optimizer (CUDA; extra `gpu`)."""
+    offload_rewards: bool = False
+    """Keep reward models on the CPU and move them to `device` only while they score (saves GPU memory)."""
     threads: int = 1
     """torch intra-op threads per process (1: with a co-tenant, 2 threads made a forward pass 80x slower)."""
     with_base: bool = True

@@ -1,0 +1,659 @@
+"""The plan of a grid before anything runs: cells, NFEs, an estimate of GPU-hours, and a preflight check.
+
+    python -m bench.plan -m grid=sdxl-turbo                 # plan + preflight (CUDA, weights); exit 3 if not ready
+    python -m bench.plan -m grid=sdxl-turbo seed=0 --no-check
+    python -m bench.plan --count-flops sdxl-turbo           # recount the FLOP constants below (meta device, ~10 s)
+
+The nox sessions ``bench-sdxl-turbo`` / ``bench-sd-turbo`` run this first: it composes a handful of configs (no
+model, no torch import on the plan path, no MLflow), prints the plan, then checks that what the cells need is
+here: a CUDA device when they ask for one, the pipeline weights (``model.path`` or the Hugging Face cache) and
+every reward model's weights (training and evaluation rewards). Anything missing is listed with the exact way to
+provide it, and the exit status is 3, within seconds.
+
+Compute estimate (stated with every plan):
+- NFEs per cell: training = ``budget.nfe`` (an upper bound: methods stop before overspending; ``base`` and
+  ``inference_scaling`` train nothing); evaluation = ``eval.n`` x sum over S of the method's NFEs per image at S
+  (S plain, N*S for best-of-N inference scaling, ...) x 2 with classifier-free guidance.
+- FLOPs: the UNet's forward FLOPs per NFE at the model's resolution (512 px: a 64x64 latent, 77 text tokens,
+  batch 1), counted with ``torch.utils.flop_counter`` on the meta device from the real UNet configs (their parameter
+  counts match the published 2,567,463,684 for SDXL and 865,910,724 for SD 2.1). A training NFE is costed at
+  TRAIN_NFE_FACTOR x that (half sampling forwards at 1x, half forward+backward passes at 3x). Each evaluation
+  image adds a VAE decode and one forward of every scoring reward model; each K-step training trajectory
+  (~ training NFEs / 2K of them) adds a decode and a training-reward forward.
+- GPU-hours = FLOPs / (peak x utilisation) with an H100-class GPU: 989 TFLOP/s dense bf16 peak at 40 % model-FLOPs
+  utilisation (both flags). Text encoders, optimizer steps and data movement are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------- assumptions
+
+PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 tensor cores
+UTILISATION = 0.40   # model-FLOPs utilisation assumed for diffusion training/inference at 512 px
+TRAIN_NFE_FACTOR = 2.0
+# TFLOP per call at 512 px, counted by `count_flops` (UNet: one NFE, batch 1; VAE: one decode of one image).
+UNET_TFLOP = {"sd-turbo": 0.804, "sdxl-turbo": 1.589}
+VAE_DECODE_TFLOP = {"sd-turbo": 2.515, "sdxl-turbo": 2.515}
+# TFLOP per scored image: CLIP ViT-H/14 (PickScore, HPSv2) 0.335 image + 0.047 text; CLIP ViT-L/14 0.162 image
+# + 0.013 text (CLIPScore; the aesthetic predictor uses the image tower only); ImageReward's BLIP ViT-L/16 0.123
+# + its 35-token BERT with cross-attention ~0.015. Counted the same way from the transformers configs.
+REWARD_TFLOP = {"pickscore": 0.382, "hpsv2": 0.382, "clipscore": 0.175, "aesthetic": 0.162, "imagereward": 0.138}
+NO_TRAINING = ("base", "inference_scaling")
+NOT_READY = 3  # exit status when the preflight finds something missing
+
+# The real UNet / VAE configs (diffusers UNet2DConditionModel / AutoencoderKL keyword arguments; everything not
+# listed is the class default). SDXL-Turbo has SDXL's UNet, SD-Turbo SD 2.1's; both use the SD VAE layout.
+REAL_UNET = {
+    "sdxl-turbo": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+    "sd-turbo": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024, use_linear_projection=True),
+}
+REAL_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class CellPlan:
+    """One cell of the grid (base cells once per (model, reward, seed, eval settings))."""
+
+    run_name: str
+    method: str
+    model: str
+    reward: str
+    train_steps: int
+    seed: int
+    train_nfe: int
+    eval_nfe: int
+    eval_images: int
+    """Images decoded at evaluation (incl. search candidates)."""
+    scored_images: int
+    """Image-reward forwards at evaluation (incl. verifier calls of a search)."""
+    tflop: float
+    device: str
+
+
+@dataclass
+class Plan:
+    grid: str
+    cells: list[CellPlan] = field(default_factory=list)
+    configs: list[dict] = field(default_factory=list)
+    """One composed config per distinct group of jobs (what the preflight checks)."""
+    peak_tflops: float = PEAK_TFLOPS
+    utilisation: float = UTILISATION
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(c.tflop for c in self.cells) / (self.peak_tflops * self.utilisation) / 3600.0
+
+    def as_dict(self) -> dict:
+        return {"grid": self.grid, "cells": [asdict(c) for c in self.cells], "gpu_hours": self.gpu_hours,
+                "peak_tflops": self.peak_tflops, "utilisation": self.utilisation,
+                "total_nfe": sum(c.train_nfe + c.eval_nfe for c in self.cells)}
+
+
+def eval_nfe_per_image(method: dict, num_steps: int) -> tuple[int, int, int]:
+    """(denoiser calls, decoded images, verifier calls) per evaluation image at S = num_steps, without CFG.
+
+    Plain sampling: S calls, 1 image. Inference scaling (methods/inference_scaling.py): "random" best-of-N costs
+    N*S and decodes/scores N candidates; "zero_order" (1 + rounds*neighbours)*S; "paths" N*S + N*(M-1)*(S-b)."""
+    if method.get("name") != "inference_scaling":
+        return num_steps, 1, 0
+    search = method.get("search", "random")
+    n, m = int(method.get("num_candidates", 4)), int(method.get("paths_branches", 2))
+    if search == "zero_order":
+        count = 1 + int(method.get("zo_rounds", 4)) * int(method.get("zo_neighbours", 4))
+        return count * num_steps, count, count
+    if search == "paths" and num_steps >= 2:
+        b = method.get("paths_branch_step") or num_steps // 2
+        b = min(int(b), num_steps - 1)
+        return n * num_steps + n * (m - 1) * (num_steps - b), n * m, n * m
+    count = n * (m if search == "paths" else 1)
+    return count * num_steps, count, count
+
+
+def _guidance(cfg: dict) -> float:
+    import tasks.models as zoo
+
+    scale = cfg["policy"].get("guidance_scale")
+    return float(zoo.get(cfg["model"]["name"]).guidance_scale if scale is None else scale)
+
+
+def _train_steps(cfg: dict) -> int:
+    import tasks.models as zoo
+
+    k = cfg.get("train_steps")
+    return int(k) if k is not None else int(zoo.get(cfg["model"]["name"]).default_train_steps)
+
+
+def cell_plan(cfg: dict, flops: dict[str, float] | None = None) -> CellPlan:
+    """NFEs and TFLOPs of one composed cell config."""
+    from bench.tracking import run_name
+
+    method = cfg["method"]
+    name = method["name"]
+    cfg_factor = 2 if _guidance(cfg) > 1.0 else 1
+    k = 0 if name == "base" else _train_steps(cfg)
+    train_nfe = 0 if name in NO_TRAINING else int(cfg["budget"]["nfe"])
+    n = int(cfg["eval"]["n"])
+    eval_nfe = eval_images = verifier_calls = 0
+    for s in cfg["eval"]["steps"]:
+        calls, images, verify = eval_nfe_per_image(method, int(s))
+        eval_nfe += n * calls * cfg_factor
+        eval_images += n * images
+        verifier_calls += n * verify
+    reward = cfg["reward"]["name"]
+    scorers = list(dict.fromkeys([reward, *cfg["eval"]["rewards"]]))
+    scored = n * len(cfg["eval"]["steps"]) * len(scorers) + verifier_calls
+    flops = flops or model_flops(cfg)
+    unet, vae = flops["unet"], flops["vae_decode"]
+    trajectories = train_nfe / (2 * max(k, 1)) if train_nfe else 0.0
+    tflop = (train_nfe * TRAIN_NFE_FACTOR * unet + trajectories * (vae + REWARD_TFLOP.get(reward, 0.0))
+             + eval_nfe * unet + eval_images * vae
+             + n * len(cfg["eval"]["steps"]) * sum(REWARD_TFLOP.get(r, 0.0) for r in scorers)
+             + verifier_calls * REWARD_TFLOP.get(method.get("verifier") or reward, 0.0))
+    return CellPlan(run_name=run_name(name, cfg["model"]["name"], reward, k, int(cfg["seed"])), method=name,
+                    model=cfg["model"]["name"], reward=reward, train_steps=k, seed=int(cfg["seed"]),
+                    train_nfe=train_nfe, eval_nfe=eval_nfe, eval_images=eval_images, scored_images=scored,
+                    tflop=tflop, device=str(cfg["device"]))
+
+
+_FLOPS_CACHE: dict[tuple, dict[str, float]] = {}
+
+
+def model_flops(cfg: dict) -> dict[str, float]:
+    """TFLOP of one UNet NFE and one VAE decode for the cell's model: the constants for the hub weights, a meta
+    count of the local folder's own configs when `model.path` is given (a stand-in is much smaller)."""
+    name, path = cfg["model"]["name"], cfg["model"].get("path")
+    key = (name, path)
+    if key not in _FLOPS_CACHE:
+        import tasks.models as zoo
+
+        if zoo.get(name).family == "toy":  # pixel-space UNet2DModel: no FLOP model here
+            _FLOPS_CACHE[key] = {"unet": 0.0, "vae_decode": 0.0}
+        elif path is not None and (Path(path) / "unet" / "config.json").is_file():
+            _FLOPS_CACHE[key] = count_flops(Path(path))
+        else:
+            _FLOPS_CACHE[key] = {"unet": UNET_TFLOP.get(name, 0.0), "vae_decode": VAE_DECODE_TFLOP.get(name, 0.0)}
+    return _FLOPS_CACHE[key]
+
+
+def count_flops(source: str | Path) -> dict[str, float]:
+    """Forward TFLOPs of the UNet (one NFE, batch 1, 77 tokens) and of one VAE decode, counted with
+    torch.utils.flop_counter on the meta device (nothing is allocated). `source`: a zoo name of REAL_UNET, or a
+    save_pretrained pipeline folder (its unet/ and vae/ config.json)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if isinstance(source, Path) or str(source) not in REAL_UNET:
+        folder = Path(source)
+        unet_cfg = UNet2DConditionModel.load_config(folder / "unet")
+        vae_cfg = AutoencoderKL.load_config(folder / "vae") if (folder / "vae").is_dir() else None
+    else:
+        unet_cfg, vae_cfg = dict(REAL_UNET[str(source)]), dict(REAL_VAE)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        side = int(unet.config.sample_size)
+        x = torch.zeros(1, int(unet.config.in_channels), side, side)
+        text = torch.zeros(1, 77, int(unet.config.cross_attention_dim))
+        added = None
+        if unet.config.addition_embed_type == "text_time":
+            time_dim = int(unet.config.addition_time_embed_dim)
+            pooled = int(unet.config.projection_class_embeddings_input_dim) - 6 * time_dim
+            added = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
+        with FlopCounterMode(display=False) as counter:
+            unet(x, torch.tensor([999]), encoder_hidden_states=text, added_cond_kwargs=added)
+        out = {"unet": counter.get_total_flops() / 1e12, "unet_params": sum(p.numel() for p in unet.parameters()),
+               "vae_decode": 0.0}
+        if vae_cfg is not None:
+            vae = AutoencoderKL.from_config(vae_cfg)
+            with FlopCounterMode(display=False) as counter:
+                vae.decode(torch.zeros(1, int(vae.config.latent_channels), side, side))
+            out["vae_decode"] = counter.get_total_flops() / 1e12
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- composing
+
+
+def _override_key(line: str) -> str:
+    return line.lstrip("+~").split("=", 1)[0]
+
+
+# Overrides that never change a cell's NFEs or FLOPs: jobs differing only in these share one composed config.
+_NFE_NEUTRAL = ("seed", "reward", "train_steps", "tracking", "progress", "threads", "with_base")
+
+
+def _base_job(job: list[str]) -> list[str]:
+    keep = [o for o in job if not _override_key(o).startswith(("method", "train_steps", "budget"))]
+    return keep + ["method=base"]
+
+
+def plan(overrides: list[str], multirun: bool = True, *, peak_tflops: float = PEAK_TFLOPS,
+         utilisation: float = UTILISATION) -> Plan:
+    """Compose the grid's jobs (one config per group of jobs that differ only in NFE-neutral keys) -> Plan."""
+    from bench import grid as grids
+    from bench.validate import check_overrides
+
+    check_overrides(overrides)
+    name = grids.grid_choice(overrides)
+    jobs = grids.expand(overrides, multirun)
+    # Base cells: the explicit base jobs plus the base of every trained job (bench.cell runs it first), once each.
+    unique: OrderedDict[tuple, list[str]] = OrderedDict()
+    for job in jobs:
+        is_base = "method=base" in job
+        if is_base or not any(o.lower() == "with_base=false" for o in job):
+            base = _base_job(job)
+            unique.setdefault(("base", *sorted(o for o in base if _override_key(o) != "grid")), base)
+        if not is_base:
+            unique.setdefault(("cell", *sorted(job)), job)
+    groups: OrderedDict[tuple, dict] = OrderedDict()
+    result = Plan(grid=name, peak_tflops=peak_tflops, utilisation=utilisation)
+    with _hydra():
+        for job in unique.values():
+            group = tuple(sorted(o for o in job if not _override_key(o).startswith(_NFE_NEUTRAL)))
+            if group not in groups:
+                groups[group] = grids._plain(grids.compose(job))
+                result.configs.append(groups[group])
+            cfg = _with_values(groups[group], job)
+            result.cells.append(cell_plan(cfg))
+    return result
+
+
+def _with_values(cfg: dict, job: list[str]) -> dict:
+    """The group's composed config with the job's own NFE-neutral values (seed, reward name, K)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for line in job:
+        key, _, value = line.lstrip("+~").partition("=")
+        if key == "seed":
+            out["seed"] = int(value)
+        elif key == "train_steps":
+            out["train_steps"] = None if value == "null" else int(value)
+        elif key == "reward":
+            out["reward"]["name"] = value  # options: the command line's (reward/<name>.yaml files have none)
+    return out
+
+
+class _hydra:
+    """One Hydra initialisation for many compose calls (each init costs ~0.3 s on a busy box)."""
+
+    def __enter__(self):
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        from bench.grid import CONF_DIR
+
+        self._ctx = None
+        if not GlobalHydra.instance().is_initialized():
+            self._ctx = initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3")
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------------------------- printing
+
+
+def _fmt(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def format_plan(p: Plan) -> str:
+    cells = p.cells
+    by_method: OrderedDict[str, list[CellPlan]] = OrderedDict()
+    for c in cells:
+        by_method.setdefault(c.method, []).append(c)
+    base = sum(1 for c in cells if c.method == "base")
+    lines = [f"plan of grid {p.grid} (MLflow experiment stepbench/{p.grid}): {len(cells)} cells "
+             f"({base} base + {len(cells) - base} trained)"]
+    cfg = p.configs[0] if p.configs else {}
+    if cfg:
+        models = sorted({c.model for c in cells})
+        rewards = sorted({c.reward for c in cells})
+        ks = sorted({c.train_steps for c in cells if c.method != "base"})
+        seeds = sorted({c.seed for c in cells})
+        lines.append(f"  model {', '.join(models)}; training rewards {', '.join(rewards)}; K = {ks}; seeds {seeds}; "
+                     f"device {cfg['device']}, dtype {cfg['dtype']}")
+        lines.append(f"  evaluation: S = {list(cfg['eval']['steps'])}, n = {cfg['eval']['n']} per S on "
+                     f"{cfg['eval']['prompts']} (eval split), scored by "
+                     f"{', '.join(dict.fromkeys([*rewards, *cfg['eval']['rewards']]))}")
+    head = f"  {'method':<18} {'cells':>6} {'train NFE/cell':>15} {'eval NFE/cell':>14} {'total NFE':>16} {'GPU-h':>9}"
+    lines += [head, "  " + "-" * (len(head) - 2)]
+    scale = 1.0 / (p.peak_tflops * p.utilisation) / 3600.0
+    for method, group in by_method.items():
+        train = max(c.train_nfe for c in group)
+        ev = max(c.eval_nfe for c in group)
+        total = sum(c.train_nfe + c.eval_nfe for c in group)
+        hours = sum(c.tflop for c in group) * scale
+        lines.append(f"  {method:<18} {len(group):>6} {_fmt(train):>15} {_fmt(ev):>14} {_fmt(total):>16} {hours:>9,.1f}")
+    total = sum(c.train_nfe + c.eval_nfe for c in cells)
+    lines.append(f"  {'total':<18} {len(cells):>6} {'':>15} {'':>14} {_fmt(total):>16} {p.gpu_hours:>9,.1f}")
+    seen: set = set()
+    for cfg_ in p.configs:
+        key = (cfg_["model"]["name"], cfg_["model"].get("path"))
+        if key in seen:
+            continue
+        seen.add(key)
+        flops = model_flops(cfg_)
+        if not flops["unet"]:
+            lines.append(f"  assumed throughput: none for {key[0]} (a CPU-sized model; GPU-hours are not estimated)")
+            continue
+        where = f" (the local folder {key[1]})" if key[1] else " at 512 px"
+        lines.append(f"  assumed throughput: the {key[0]} UNet{where} costs {flops['unet']:.3g} TFLOP per NFE (forward, "
+                     f"batch 1, counted on the meta device), a VAE decode {flops['vae_decode']:.3g} TFLOP per image; "
+                     f"a training NFE counts {TRAIN_NFE_FACTOR:g}x (sampling forwards 1x, forward+backward 3x); "
+                     f"reward models per scored image: "
+                     f"{', '.join(f'{k} {v:g}' for k, v in REWARD_TFLOP.items())} TFLOP.")
+    lines.append(f"  GPU: H100-class, {p.peak_tflops:g} TFLOP/s dense bf16 peak at {p.utilisation:.0%} utilisation = "
+                 f"{p.peak_tflops * p.utilisation:,.0f} TFLOP/s -> {p.gpu_hours:,.1f} GPU-hours "
+                 f"(~{p.gpu_hours / 24:,.1f} GPU-days; {p.gpu_hours / 8:,.1f} h on 8 GPUs). Training NFEs are the "
+                 f"budget (an upper bound).")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- preflight
+
+
+@dataclass
+class Missing:
+    """One thing a grid needs that is not on this machine."""
+
+    what: str
+    """Who needs it: "CUDA", "model sdxl-turbo", "reward pickscore (PickScore model)", ..."""
+    detail: str = ""
+    """CUDA / local-path problems: the full message."""
+    repo: str | None = None
+    """Hub repository to download (absent from the cache)."""
+    filename: str | None = None
+    """A single file of `repo` (None: the whole repository)."""
+    local: str | None = None
+    """The config override that points at a local copy instead."""
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _cached_snapshot(repo: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError and friends: not cached
+        return None
+
+
+def _cached_file(repo: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer_config.json")
+_NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in _WEIGHT_GLOBS)
+
+
+def _incomplete(folder: Path) -> list[str]:
+    """Components of a pipeline folder whose files are missing (an interrupted download, a partial copy)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    missing = []
+    for component, value in index.items():
+        if component.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        sub = folder / component
+        if component in _NETWORKS and not (sub.is_dir() and _has_weights(sub)):
+            missing.append(f"{component}/ weights")
+        elif component.startswith("tokenizer") and not any((sub / f).is_file() for f in _TOKENIZER_FILES):
+            missing.append(f"{component}/ files")
+    return missing
+
+
+def check_pipeline(model: str, path: str | None) -> Missing | None:
+    """None if the pipeline's weights are here (model.path, or the Hugging Face cache)."""
+    import tasks.models as zoo
+
+    spec = zoo.get(model)
+    who = f"model {model}"
+    if path is not None:
+        folder = Path(path)
+        if not (folder / "model_index.json").is_file():
+            return Missing(who, f"model.path={path} is not a diffusers save_pretrained folder (no model_index.json "
+                                f"there); point it at the folder holding model_index.json, unet/, vae/, ...")
+        parts = _incomplete(folder)
+        return Missing(who, f"model.path={path} lacks {', '.join(parts)}") if parts else None
+    if not spec.is_hub:
+        return None if (Path(spec.source) / "model_index.json").is_file() else Missing(who, f"{spec.source} is missing")
+    snapshot = _cached_snapshot(spec.source)
+    if snapshot is None or not (snapshot / "model_index.json").is_file() or _incomplete(snapshot):
+        return Missing(who, repo=spec.source, local=f"model.path=/path/to/{spec.source.split('/')[-1]}")
+    return None
+
+
+def _reward_needs(name: str, options: dict) -> list[tuple[str, str, str, str]]:
+    """(option, default hub repo, kind, what) for each weight source a reward loads; kind is "model" (a
+    save_pretrained folder with weights), "tokenizer" (a folder without) or a file name inside the repo.
+    Read from the reward modules' own constants so the check follows them."""
+    if name == "pickscore":
+        from tasks.rewards import pickscore as m
+
+        return [("path", m.MODEL_ID, "model", "PickScore model"),
+                ("processor_path", m.PROCESSOR_ID, "tokenizer", "CLIP-H tokenizer")]
+    if name == "hpsv2":
+        import inspect
+
+        from tasks.rewards import hpsv2 as m
+
+        default = inspect.signature(m.HPSv2Reward.__init__).parameters["version"].default
+        filename = m.HPS_FILES.get(options.get("version", default), m.HPS_FILES[default])
+        return [("path", m.HPS_REPO, filename, "HPS checkpoint"),
+                ("tokenizer_path", m.TOKENIZER_ID, "tokenizer", "OpenCLIP ViT-H-14 tokenizer")]
+    if name == "imagereward":
+        from tasks.rewards import imagereward as m
+
+        return [("path", m.REPO, m.CHECKPOINT, "ImageReward checkpoint"),
+                ("tokenizer_path", m.TOKENIZER_ID, "tokenizer", "BERT tokenizer")]
+    if name == "aesthetic":
+        from tasks.rewards import aesthetic as m
+
+        return [("clip_path", m.CLIP_ID, "model", "CLIP ViT-L/14"), ("path", m.MLP_REPO, m.MLP_FILE, "aesthetic MLP")]
+    if name == "clipscore":
+        from tasks.rewards import clipscore as m
+
+        return [("path", m.MODEL_ID, "model", "CLIP ViT-L/14")]
+    return []  # weight-free rewards (jpeg, toy verifiers)
+
+
+def check_reward(name: str, options: dict, *, training: bool) -> list[Missing]:
+    """What reward `name` (loaded with `options`) would not find; [] when every weight file is here."""
+    from tasks.rewards.base import _looks_like_path
+
+    problems = []
+    for option, repo, kind, what in _reward_needs(name, options):
+        who = f"reward {name} ({what})"
+        given = options.get(option)
+        if given is not None:
+            if Path(str(given)).expanduser().exists():
+                continue
+            if _looks_like_path(str(given)):
+                problems.append(Missing(who, f"reward.options.{option}={given} does not exist"))
+                continue
+            repo = str(given)  # a hub id given as the option
+        if kind == "model":
+            found = _cached_snapshot(repo)
+            ok = found is not None and (found / "config.json").is_file() and _has_weights(found)
+        elif kind == "tokenizer":
+            found = _cached_snapshot(repo)
+            ok = found is not None and any((found / f).is_file() for f in _TOKENIZER_FILES)
+        else:
+            ok = _cached_file(repo, kind) is not None
+        if not ok:
+            local = (f"+reward.options.{option}=/path/to/{repo.split('/')[-1] if kind in ('model', 'tokenizer') else kind}"
+                     if training else None)
+            problems.append(Missing(who, repo=repo, filename=None if kind in ("model", "tokenizer") else kind,
+                                    local=local))
+    return problems
+
+
+def check_cuda(devices: list[str]) -> Missing | None:
+    """None if every CUDA device the cells ask for exists here."""
+    wanted = [d for d in devices if str(d).startswith("cuda")]
+    if not wanted:
+        return None
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        why = (f"this torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+               else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU (driver? CUDA_VISIBLE_DEVICES?)")
+        return Missing("CUDA", f"the grid runs on device={wanted[0]}, but {why}. Run it on a GPU machine with a CUDA "
+                               f"build of torch (nox: STEPBENCH_TORCH=\"torch --index-url "
+                               f"https://download.pytorch.org/whl/cu124\"), or check the code path on this CPU with "
+                               f"the tiny stand-in: nox -s bench-<grid> -- --stand-in")
+    for d in wanted:
+        index = d.split(":", 1)[1] if ":" in d else "0"
+        if int(index) >= count:
+            return Missing("CUDA", f"device={d} requested but only {count} CUDA device(s) are visible")
+    return None
+
+
+def preflight(p: Plan) -> list[Missing]:
+    """Everything the plan's cells need that is not here (empty when the grid can start)."""
+    problems: list[Missing] = []
+    cuda = check_cuda(sorted({str(c["device"]) for c in p.configs}))
+    if cuda:
+        problems.append(cuda)
+    for key in dict.fromkeys((c["model"]["name"], c["model"].get("path")) for c in p.configs):
+        missing = check_pipeline(*key)
+        if missing:
+            problems.append(missing)
+    wanted: OrderedDict[tuple, tuple[str, dict, bool]] = OrderedDict()
+    option_sets = dict.fromkeys(json.dumps(c["reward"].get("options") or {}, sort_keys=True) for c in p.configs)
+    for cell in p.cells:  # training rewards, with the options the run gives them
+        for text in option_sets:
+            wanted.setdefault((cell.reward, text), (cell.reward, json.loads(text), True))
+    for cfg in p.configs:  # evaluation rewards load without options
+        for name in cfg["eval"]["rewards"]:
+            if not any(key[0] == name for key in wanted):
+                wanted.setdefault((name, "{}"), (name, {}, False))
+    for name, options, training in wanted.values():
+        problems.extend(check_reward(name, options, training=training))
+    return problems
+
+
+def format_missing(grid: str, problems: list[Missing]) -> str:
+    """The preflight's message: each problem, then the exact commands that provide the missing weights."""
+    lines = [f"error: grid {grid} cannot start here; nothing was loaded or logged. Missing:"]
+    for m in problems:
+        if m.repo is None:
+            lines.append(f"  - {m.what}: {m.detail}")
+    downloads: OrderedDict[tuple, list[Missing]] = OrderedDict()
+    for m in problems:
+        if m.repo is not None:
+            downloads.setdefault((m.repo, m.filename), []).append(m)
+    if downloads:
+        lines.append(f"  - weights not in the Hugging Face cache ({_hub_cache_dir()}):")
+        for (repo, filename), who in downloads.items():
+            target = f"{repo} {filename}" if filename else repo
+            lines.append(f"      {target:<58} needed by {', '.join(dict.fromkeys(m.what for m in who))}")
+        lines.append("    download them once, on a machine with network access (the same HF_HOME / HF_HUB_CACHE as "
+                     "the run):")
+        for repo, filename in downloads:
+            lines.append(f"      hf download {repo}" + (f" {filename}" if filename else ""))
+        lines.append("    (huggingface_hub < 1.0: `huggingface-cli download ...` instead of `hf download ...`; run "
+                     "`hf auth login` / `huggingface-cli login` first if a repository asks you to accept its licence)")
+        local: OrderedDict[str, list[str]] = OrderedDict()
+        for ms in downloads.values():
+            for m in ms:
+                if m.local:
+                    owner = m.what.split(" (")[0]
+                    local.setdefault(owner, [])
+                    if m.local not in local[owner]:
+                        local[owner].append(m.local)
+        if local:
+            lines.append("    or point the config at local copies (save_pretrained folders, checkpoint files):")
+            for owner, values in local.items():
+                scope = f" (with {owner.replace('reward ', 'reward=')} as the one training reward)" if owner.startswith(
+                    "reward") else ""
+                lines.append(f"      {owner}{scope}: {' '.join(values)}")
+        lines.append("    (evaluation rewards in eval.rewards load by hub id from the cache; HF_HUB_OFFLINE=1 keeps "
+                     "every process off the network)")
+    lines.append("`python -m bench.plan ... --no-check` prints the plan without this check.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("-m", "--multirun", action="store_true", help="plan the sweep (as bench.run -m)")
+    parser.add_argument("--no-check", action="store_true", help="print the plan only, skip the preflight")
+    parser.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help=f"GPU peak (default {PEAK_TFLOPS:g})")
+    parser.add_argument("--utilisation", type=float, default=UTILISATION, help=f"default {UTILISATION:g}")
+    parser.add_argument("--count-flops", metavar="MODEL_OR_FOLDER",
+                        help="count UNet/VAE TFLOPs of a zoo model's real config or a pipeline folder, then exit")
+    args, overrides = parser.parse_known_args(argv)
+    if args.count_flops:
+        counted = count_flops(args.count_flops if args.count_flops in REAL_UNET else Path(args.count_flops))
+        print(json.dumps(counted))
+        return 0
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    from bench.validate import ConfigError
+
+    try:
+        p = plan(overrides, args.multirun, peak_tflops=args.peak_tflops, utilisation=args.utilisation)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    print(format_plan(p), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(p.as_dict(), indent=1) + "\n")
+    if args.no_check:
+        return 0
+    problems = preflight(p)
+    if problems:
+        print(format_missing(p.grid, problems), file=sys.stderr, flush=True)
+        return NOT_READY
+    print(f"preflight: ready (devices {', '.join(sorted({str(c['device']) for c in p.configs}))}; weights found)",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
