@@ -67,6 +67,16 @@ def mlflow_ui(session: nox.Session) -> None:
                 "--port", os.environ.get("MLFLOW_PORT", "5000"), *session.posargs)
 
 
+@nox.session
+def sweep(session: nox.Session) -> None:
+    """A small Optuna sweep on the toy world (DDPO on toy-turbo, 6 trials, journal file optuna.journal)."""
+    install(session)
+    session.run("python", "-m", "bench.sweep", "method=ddpo", "model=toy-turbo", "sweep=toy-small",
+                *session.posargs, env=ENV)
+    session.log("study: optuna-dashboard optuna.journal --host 127.0.0.1 (pip install 'stepbench[dashboard]'); "
+                "runs: nox -s mlflow-ui; best config: bench/conf/method/tuned/")
+
+
 @nox.session(name="build-toy")
 def build_toy(session: nox.Session) -> None:
     """Regenerate the toy world's weights (tens of minutes on 2 cores)."""
