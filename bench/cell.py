@@ -70,10 +70,11 @@ class PeakMemory:
 
 
 @contextlib.contextmanager
-def cell_lock(uri: str, cid: str) -> Iterator[None]:
+def cell_lock(uri: str, cid: str, wait: bool = True) -> Iterator[bool]:
     """An exclusive per-cell file lock (released by the kernel if we are killed): beside a SQLite database, or
     for any other store in <tmp>/stepbench-locks/<hash of the URI>/, which serialises the workers of one machine
-    (joblib); workers on different machines rely on the RUNNING-run check alone."""
+    (joblib); workers on different machines rely on the RUNNING-run check alone. Yields True once held; with
+    wait=False yields False at once when another worker holds it."""
     import fcntl
     import hashlib
     import tempfile
@@ -85,9 +86,13 @@ def cell_lock(uri: str, cid: str) -> Iterator[None]:
         lock_dir = Path(tempfile.gettempdir()) / "stepbench-locks" / hashlib.sha1(uri.encode()).hexdigest()[:12]
     lock_dir.mkdir(parents=True, exist_ok=True)
     with open(lock_dir / f"{cid}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -147,7 +152,11 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
     "killed" when the exception carries ``mlflow_status = "KILLED"``, e.g. a pruned sweep trial).
 
     tags: extra MLflow run tags. train_hook(method, policy, task, budget, tracker) -> tracker: called just before
-    training; the tracker it returns is the one the method gets (bench.sweep reports and prunes through it)."""
+    training; the tracker it returns is the one the method gets (bench.sweep reports and prunes through it).
+
+    A base cell is shared by every method cell of its (model, reward, seed): when another worker of this machine is
+    running it, this call returns "running-elsewhere" at once instead of waiting (a method cell trains meanwhile
+    and waits for the base only where it needs it, for the gain over base after its evaluation)."""
     cfg = grids._plain(cfg)
     validate.check_config(cfg)
     import torch
@@ -164,7 +173,12 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
             log.warning("the base cell failed; running %s anyway", grids.cell_run_name(cfg))
     cid = grids.cell_id(cfg)
     name = grids.cell_run_name(cfg)
-    with cell_lock(store.uri, cid):
+    with cell_lock(store.uri, cid, wait=not grids.is_base(cfg)) as held:
+        if not held:
+            print(f"{index}skip {name}: another worker of this machine is running it", flush=True)
+            if dp is not None:
+                dp.announce(cid, "skip")
+            return "running-elsewhere"
         for run_id in store.reap_stale(experiment_id, cid):
             print(f"{index}marked stale run {run_id} of {name} KILLED (its process is gone)", flush=True)
         done = store.finished_run(experiment_id, cid)
@@ -358,6 +372,9 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
         metrics[f"cost/eval_seconds/s{num_steps}"] = result.seconds[num_steps]
     metrics |= memory.metrics()
     if not base:
+        if cfg.get("with_base", True):
+            with cell_lock(run.store.uri, grids.cell_id(grids.base_config(cfg))):
+                pass  # the base cell, if another worker of this machine is still running it, finishes first
         metrics |= _gain_over_base(cfg, run, scores)
     run.log_metrics(metrics, step=budget.total_nfe)
     run.flush()

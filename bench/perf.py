@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("sampler", "cells", "grid", "toy_grid", "paper")
-METHODS = ("base", "ddpo", "diffusion_dpo", "pso", "spo", "sdpo", "sharpening", "sft", "inference_scaling")
+METHODS = ("base", "ddpo", "diffusion_dpo", "pso", "spo", "spo_reward_x0", "sdpo", "sharpening", "sharpening_sft", "sft", "inference_scaling")
 TARGETS = {"sampler_ratio": 1.10, "harness_overhead": 0.05, "peak_rss_mb": 2048.0, "grid_speedup": 1.6}
-TOY_GRID_NFE, TOY_GRID_EVAL_N = 20000, 512  # bench/conf/grid/toy.yaml
+TOY_SIZED_SMOKE = ("recipe=toy", "budget.nfe=2560", "eval.n=64", "eval.batch_size=64")
+"""Overrides that turn the smoke grid's 5 cells into toy-sized ones (toy recipe, a few epochs, eval n 64)."""
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
              "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 REPO = Path(__file__).resolve().parents[1]
@@ -113,9 +114,9 @@ def toy_model_path(cache: Path | None = None) -> tuple[str | None, str]:
         return str(base), "toy-base weights standing in for toy-turbo (same architecture; rewards differ)"
     cache = cache or Path(tempfile.gettempdir()) / "stepbench-perf-toy"
     if not (cache / "model_index.json").is_file():
-        from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
-
         import torch
+
+        from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
 
         torch.manual_seed(0)
         ToyPipeline(build_unet((16, 32, 64)), ToyTextEncoder(out_dim=64), build_scheduler()).save_pretrained(cache)
@@ -133,9 +134,11 @@ def _prompts(n: int) -> list[str]:
 
 
 def _sampler_setup(model: str, toy_path: str | None):
-    """(policy, pipeline call(prompts, S, generator), sampler call(prompts, S, generator)) for one model."""
-    import torch
+    """(policy, pipeline call(prompts, S, generator), sampler call(prompts, S, generator)) for one model.
 
+    Both calls do the same work: encode the prompts, draw x_T from the generator, S denoiser calls with the same
+    stochastic kernel (DDIM eta = 1 on the toy, Euler-ancestral on SDXL), decode; ours also records every latent,
+    x0-prediction and log-prob."""
     from methods import sampling
     from methods.policy import Policy
     from tasks import models as zoo
@@ -165,7 +168,6 @@ def _sampler_setup(model: str, toy_path: str | None):
     def run_ours(prompts, steps, gen):
         return sampling.sample(policy, prompts, steps, generator=gen, eta=1.0, record=True).images
 
-    del torch
     return policy, run_pipe, run_ours
 
 
@@ -227,10 +229,10 @@ def _nothing():
 
 
 def cell_overrides(method: str, *, budget: int, eval_n: int, train_steps: int, store: Path,
-                   model_path: str | None, system_metrics: bool = True) -> list[str]:
-    """The toy cell perf runs: the toy recipe and the toy grid's eval settings, except a small budget and eval n."""
+                   model_path: str | None, system_metrics: bool = True, eval_batch_size: int = 256) -> list[str]:
+    """The toy cell perf runs: the toy grid's recipe and settings, except a small budget and eval n."""
     overrides = [f"method={method}", f"train_steps={train_steps}", f"budget.nfe={budget}", f"eval.n={eval_n}",
-                 f"eval.batch_size={min(64, eval_n)}", "with_base=false", "progress=false",
+                 f"eval.batch_size={min(eval_batch_size, eval_n)}", "with_base=false", "progress=false",
                  f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"tracking.system_metrics={str(system_metrics).lower()}"]
     if model_path is not None:
         overrides.append(f"model.path={model_path}")
@@ -329,7 +331,7 @@ def warm_process(cfg: dict, grid: str) -> dict[str, float]:
 
 
 def bench_cells(methods: Sequence[str], repeats: int, *, budget: int, eval_n: int, train_steps: int,
-                model_path: str | None, workdir: Path) -> dict[str, list[dict[str, Any]]]:
+                model_path: str | None, workdir: Path, eval_batch_size: int = 256) -> dict[str, list[dict[str, Any]]]:
     """Each method's toy cell in a fresh process (clean peak memory, no state shared between methods), repeated;
     methods interleave within a repeat."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -339,7 +341,8 @@ def bench_cells(methods: Sequence[str], repeats: int, *, budget: int, eval_n: in
             store.mkdir(parents=True, exist_ok=True)
             out = store / "cell.json"
             cmd = [sys.executable, "-m", "bench.perf", "cell", "--method", method, "--budget", str(budget),
-                   "--eval-n", str(eval_n), "--train-steps", str(train_steps), "--store", str(store),
+                   "--eval-n", str(eval_n), "--eval-batch-size", str(eval_batch_size), "--train-steps",
+                   str(train_steps), "--store", str(store),
                    "--json", str(out)]
             if model_path is not None:
                 cmd += ["--model-path", model_path]
@@ -359,10 +362,12 @@ def bench_cells(methods: Sequence[str], repeats: int, *, budget: int, eval_n: in
     return runs
 
 
-def summarize_cells(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+def summarize_cells(runs: dict[str, list[dict[str, Any]]], target: dict[str, int] | None = None
+                    ) -> dict[str, dict[str, Any]]:
     """Per method and clock ("wall", "cpu"): medians/min/max over repeats of the cell time, floor, overhead of the
-    cell and of its train and eval phases, MLflow share, NFE/s, and a projection to a toy-grid cell (20k NFEs,
-    eval n 512) from the phase rates; plus peak RSS and the NFE counts."""
+    cell and of its train and eval phases, MLflow share, NFE/s, and a projection to a toy-grid cell (`target`:
+    {"nfe", "eval_n"}, default the toy grid's) from the phase rates; plus peak RSS and the NFE counts."""
+    target = target or toy_grid()
     out: dict[str, dict[str, Any]] = {}
     for method, records in runs.items():
         ok = [r for r in records if r.get("status") == "finished"]
@@ -380,7 +385,7 @@ def summarize_cells(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str
             def phase(p, name, key="elapsed"):
                 return p["phases"].get(name, {}).get(key, 0.0)
 
-            projected = [_project(r, kind) for r in ok]
+            projected = [_project(r, kind, target["nfe"], target["eval_n"]) for r in ok]
             trained = [p for p, r in zip(profiles, ok) if r["train_nfe"]]
             entry[kind] = {
                 "cell_s": stats([p["total"]["elapsed"] for p in profiles]),
@@ -406,15 +411,16 @@ def summarize_cells(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str
     return out
 
 
-def _project(record: dict[str, Any], kind: str = "wall") -> dict[str, float]:
-    """A toy-grid cell (budget TOY_GRID_NFE, eval n TOY_GRID_EVAL_N) from one measured small cell on one clock:
-    train time scales with NFEs at the measured NFE/s and train overhead, eval time with n at the measured eval
-    overhead, and the rest (setup, MLflow, artifacts) is taken as fixed. An estimate, not a measurement."""
+def _project(record: dict[str, Any], kind: str, nfe: int, eval_n: int) -> dict[str, float]:
+    """A cell of `nfe` training NFEs and `eval_n` evaluation samples per S from one measured small cell on one
+    clock: train time scales with NFEs at the measured NFE/s and train overhead, eval time with n at the measured
+    eval overhead, and the rest (setup, MLflow, artifacts) is taken as fixed. An estimate, not a measurement (a
+    method's one-off costs, e.g. SPO's preference-model fit, are scaled too, so its overhead is overstated)."""
     phases = record["profile"][kind]["phases"]
     empty = {"elapsed": 0.0, "floor": 0.0}
     train, evals, other = (phases.get(p, empty) for p in ("train", "eval", "other"))
-    train_scale = TOY_GRID_NFE / record["train_nfe"] if record["train_nfe"] else 0.0
-    eval_scale = TOY_GRID_EVAL_N / record["eval_n"]
+    train_scale = nfe / record["train_nfe"] if record["train_nfe"] else 0.0
+    eval_scale = eval_n / record["eval_n"]
     elapsed = train["elapsed"] * train_scale + evals["elapsed"] * eval_scale + other["elapsed"]
     floor = train["floor"] * train_scale + evals["floor"] * eval_scale + other["floor"]
     return {"elapsed": elapsed, "floor": floor, "overhead": (elapsed - floor) / elapsed if elapsed > 0 else 0.0}
@@ -433,7 +439,7 @@ def bench_grid(repeats: int, workers: Sequence[int], model_path: str | None, wor
     for r in range(repeats):
         order = list(workers) if r % 2 == 0 else list(reversed(workers))
         for w in order:
-            run_dir = workdir / f"grid-{grid}-w{w}-{r}"
+            run_dir = workdir / f"grid-{grid}{'-overridden' if extra else ''}-w{w}-{r}"
             run_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "bench.run", "-m", f"grid={grid}", "hydra/launcher=joblib",
                    f"hydra.launcher.n_jobs={w}", f"tracking.uri=sqlite:///{run_dir / 'mlflow.db'}",
@@ -455,7 +461,7 @@ def bench_grid(repeats: int, workers: Sequence[int], model_path: str | None, wor
             cpu[w].append(used)
             _log(f"grid {grid} with {w} worker(s): {wall:.1f} s wall, {used:.1f} CPU s "
                  f"(load {os.getloadavg()[0]:.1f})")
-    result: dict[str, Any] = {"grid": grid, "workers": {}}
+    result: dict[str, Any] = {"grid": grid, "overrides": list(extra), "workers": {}}
     for w in workers:
         result["workers"][str(w)] = {"wall_s": stats(seconds[w]), "cpu_s": stats(cpu[w]),
                                      "cores_used": stats([c / s for c, s in zip(cpu[w], seconds[w])])}
@@ -468,26 +474,33 @@ def bench_grid(repeats: int, workers: Sequence[int], model_path: str | None, wor
 # ============================================================================================== toy grid
 
 
-def toy_grid_cells() -> list[tuple[str, int]]:
-    """(method, K) of every distinct cell of grid=toy (base once per seed), from the grid file itself."""
-    from bench import grid as grids
+_TOY_GRID: dict[str, Any] = {}
 
-    jobs = grids.expand(["grid=toy"], True)
-    seen, cells = set(), []
-    for job in jobs:
-        cfg = grids._plain(grids.compose(job))
-        for c in ([grids.base_config(cfg)] if not grids.is_base(cfg) else []) + [cfg]:
-            cid = grids.cell_id(c)
-            if cid not in seen:
-                seen.add(cid)
-                cells.append((c["method"]["name"], 0 if grids.is_base(c) else grids.resolved_train_steps(c)))
-    return cells
+
+def toy_grid() -> dict[str, Any]:
+    """What `nox -s bench` runs, read from bench/conf/grid/toy.yaml: its distinct cells as (method, K) (base once
+    per seed), training budget, eval n and eval batch size."""
+    if not _TOY_GRID:
+        from bench import grid as grids
+
+        seen, cells, cfg = set(), [], None
+        for job in grids.expand(["grid=toy"], True):
+            cfg = grids._plain(grids.compose(job))
+            for c in ([grids.base_config(cfg)] if not grids.is_base(cfg) else []) + [cfg]:
+                cid = grids.cell_id(c)
+                if cid not in seen:
+                    seen.add(cid)
+                    cells.append((c["method"]["name"], 0 if grids.is_base(c) else grids.resolved_train_steps(c)))
+        _TOY_GRID.update(cells=cells, nfe=int(cfg["budget"]["nfe"]), eval_n=int(cfg["eval"]["n"]),
+                         eval_batch_size=int(cfg["eval"]["batch_size"]))
+    return _TOY_GRID
 
 
 def estimate_toy_grid(cells_summary: dict[str, dict[str, Any]], speedup: float | None) -> dict[str, Any]:
-    """Serial sum of projected toy-grid cell times (per method, K = 4's rates used for K = 1 too), divided by the
-    measured 2-worker speedup of the smoke grid (or 2 if none). An estimate; `--toy-grid` measures it."""
-    cells = toy_grid_cells()
+    """Serial sum of the projected toy-grid cell times (K = 4's rates for any other K), divided by the measured
+    2-worker speedup of the toy-sized grid (or 2 if none). An estimate; `--toy-grid` measures it."""
+    grid = toy_grid()
+    cells = grid["cells"]
     missing = sorted({m for m, _ in cells if cells_summary.get(m, {}).get("status") != "finished"})
     serial = sum(cells_summary[m]["wall"]["projected_toy_cell_s"]["median"] for m, _ in cells if m not in missing)
     serial_cpu = sum(cells_summary[m]["cpu"]["projected_toy_cell_s"]["median"] for m, _ in cells if m not in missing)
@@ -495,9 +508,9 @@ def estimate_toy_grid(cells_summary: dict[str, dict[str, Any]], speedup: float |
     return {"kind": "estimate", "cells": len(cells), "serial_s": serial, "speedup_used": factor,
             "wall_s": serial / factor, "serial_cpu_s": serial_cpu, "wall_s_if_2_free_cores": serial_cpu / factor,
             "methods_missing": missing,
-            "how": "sum over the toy grid's cells of the projected toy-grid cell time of its method (20k NFEs at "
-                   "the measured NFE/s and train overhead, eval n = 512 at the measured eval rate, fixed costs as "
-                   "measured), divided by the measured 2-worker speedup of the smoke grid"}
+            "how": f"sum over the toy grid's cells of the projected cell time of its method ({grid['nfe']} NFEs at "
+                   f"the measured NFE/s and train overhead, eval n = {grid['eval_n']} at the measured eval rate, "
+                   f"fixed costs as measured), divided by the measured 2-worker speedup of the toy-sized grid"}
 
 
 def run_toy_grid(model_path: str | None, workdir: Path) -> dict[str, Any]:
@@ -523,22 +536,7 @@ def run_toy_grid(model_path: str | None, workdir: Path) -> dict[str, Any]:
 
 # The published UNet configs (unet/config.json of stabilityai/sdxl-turbo and stabilityai/sd-turbo); every key not
 # listed is diffusers' default for UNet2DConditionModel. Parameter counts are checked against the published totals.
-PUBLISHED_UNETS = {
-    "sdxl-turbo": dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
-        transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
-    "sd-turbo": dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=(5, 10, 20, 20),
-        cross_attention_dim=1024, use_linear_projection=True),
-}
 PUBLISHED_PARAMS = {"sdxl-turbo": 2_567_463_684, "sd-turbo": 865_910_724}
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
 H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM5: 1979 TFLOP/s bf16 with 2:4 sparsity, half of it dense
 UTILISATION = 0.40
 GRAD_NFE_FACTOR = 3.0  # forward + backward (activation grads ~1x, weight grads ~1x) of one NFE, in forwards
@@ -553,7 +551,9 @@ def count_unet_flops(name: str, resolution: int = 512, tokens: int = 77) -> dict
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = PUBLISHED_UNETS[name]
+    from bench.plan import REAL_UNET, REAL_VAE
+
+    config = REAL_UNET[name]
     side = resolution // 8
     with torch.device("meta"):
         unet = UNet2DConditionModel(**{**config, "sample_size": side})
@@ -567,7 +567,7 @@ def count_unet_flops(name: str, resolution: int = 512, tokens: int = 77) -> dict
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             unet(x, torch.tensor([999]), encoder_hidden_states=text, added_cond_kwargs=added)
         unet_flops = counter.get_total_flops()
-        vae = AutoencoderKL(**{**SD_VAE, "sample_size": resolution})
+        vae = AutoencoderKL(**{**REAL_VAE, "sample_size": resolution})
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             vae.decode(torch.zeros(1, 4, side, side))
         vae_flops = counter.get_total_flops()
@@ -684,8 +684,9 @@ def markdown(results: dict[str, Any]) -> str:
                   f"at S=1,2,4,8; {c['model_note']}; each in a fresh, warmed-up process)",
                   f"Harness overhead = share of the cell outside denoiser forward/backward, VAE, reward (incl. SPO's "
                   f"preference model) and text-encoder spans. Target <= {targets['harness_overhead']:.0%}; peak RSS <= "
-                  f"{targets['peak_rss_mb']:.0f} MB. Projected = a toy-grid cell (20k NFEs, eval n=512) extrapolated "
-                  f"from the phase rates (an estimate).", ""]
+                  f"{targets['peak_rss_mb']:.0f} MB. Projected = a toy-grid cell ({c.get('target', {}).get('nfe', '?')} "
+                  f"NFEs, eval n={c.get('target', {}).get('eval_n', '?')}) extrapolated from the phase rates (an "
+                  f"estimate).", ""]
         for kind, title in (("cpu", "CPU clock"), ("wall", "wall clock")):
             lines += [f"### {title}", "",
                       "| method | cell s | overhead (cell) | overhead (train) | overhead (eval) | MLflow share | "
@@ -703,9 +704,12 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{_fmt_stat(entry['peak_rss_mb'], '{:.0f}')} | {_fmt_stat(s_['projected_toy_cell_s'], '{:.0f}')} | "
                     f"{_fmt_stat(s_['projected_toy_cell_overhead'], pct=True)} |")
             lines.append("")
-    if "grid" in results:
-        g = results["grid"]
-        lines += [f"## Grid scaling ({g['grid']} grid, joblib launcher)",
+    for key in ("grid", "grid_toy_sized"):
+        if key not in results:
+            continue
+        g = results[key]
+        what = f"{g['grid']} grid" + (f" with {' '.join(g['overrides'])}" if g.get("overrides") else "")
+        lines += [f"## Grid scaling ({what}, joblib launcher)",
                   f"Target >= {targets['grid_speedup']}x. CPU s = user+sys seconds of the run's processes; cores used "
                   f"= CPU s / wall s (what the box actually gave the run).", "",
                   "| workers | wall s | CPU s | cores used |", "|---|---|---|---|"]
@@ -816,20 +820,25 @@ def main(argv: list[str] | None = None) -> int:
         results["sampler"] = rows
         save()
     if timed_section("cells"):
+        grid = toy_grid()
         runs = bench_cells(methods, cell_repeats, budget=budget, eval_n=eval_n, train_steps=args.train_steps,
-                           model_path=model_path, workdir=workdir)
+                           model_path=model_path, workdir=workdir, eval_batch_size=grid["eval_batch_size"])
         results["cells"] = {"budget": budget, "eval_n": eval_n, "train_steps": args.train_steps,
                             "model_note": model_note, "repeats": cell_repeats, "runs": runs,
-                            "summary": summarize_cells(runs)}
+                            "target": {"nfe": grid["nfe"], "eval_n": grid["eval_n"]}, "summary": summarize_cells(runs)}
         save()
     if timed_section("grid"):
         results["grid"] = bench_grid(args.grid_repeats, (1, 2), model_path, workdir)
+        save()
+        # The smoke grid's cells are seconds of work against ~8 CPU-s of imports per worker process, so it cannot
+        # scale; the same 5 cells at toy sizes show what a second worker buys on real work.
+        results["grid_toy_sized"] = bench_grid(args.grid_repeats, (1, 2), model_path, workdir, extra=TOY_SIZED_SMOKE)
         save()
     if timed_section("toy_grid"):
         if args.toy_grid:
             results["toy_grid"] = run_toy_grid(model_path, workdir)
         elif "cells" in results:
-            speedup = results.get("grid", {}).get("speedup", {}).get("median")
+            speedup = (results.get("grid_toy_sized") or results.get("grid") or {}).get("speedup", {}).get("median")
             results["toy_grid"] = estimate_toy_grid(results["cells"]["summary"], speedup)
         save()
     if timed_section("paper"):
@@ -845,6 +854,7 @@ def _cell_main(argv: list[str]) -> int:
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--budget", type=int, default=4096)
     parser.add_argument("--eval-n", type=int, default=64)
+    parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--store", default=None, help="folder of the throw-away MLflow store")
     parser.add_argument("--model-path", default=None)
@@ -854,7 +864,8 @@ def _cell_main(argv: list[str]) -> int:
     store = Path(args.store or tempfile.mkdtemp(prefix="stepbench-perf-cell-"))
     store.mkdir(parents=True, exist_ok=True)
     overrides = cell_overrides(args.method, budget=args.budget, eval_n=args.eval_n, train_steps=args.train_steps,
-                               store=store, model_path=args.model_path, system_metrics=not args.no_system_metrics)
+                               store=store, model_path=args.model_path, system_metrics=not args.no_system_metrics,
+                               eval_batch_size=args.eval_batch_size)
     record = run_profiled_cell(overrides)
     text = json.dumps(record, indent=2, default=str)
     if args.json:

@@ -143,10 +143,21 @@ def summarize(plan: Plan) -> int:
     return len(bad)
 
 
+def _keep_joblib_worker() -> None:
+    """Stop loky (the joblib launcher's backend) from restarting this worker as "leaking": it does so when a worker's
+    RSS grows by 300 MB after its first job, and a cell legitimately grows it (models, reward nets, the allocator's
+    cache), so a worker whose first job was a quick skip (a duplicate base job) was restarted after its next cell
+    and paid its imports (~8 CPU-s) again ("A worker stopped while some jobs were given to the executor")."""
+    executor = sys.modules.get("joblib.externals.loky.process_executor")
+    if executor is not None and hasattr(executor, "_MAX_MEMORY_LEAK_SIZE"):
+        executor._MAX_MEMORY_LEAK_SIZE = max(executor._MAX_MEMORY_LEAK_SIZE, 2**40)
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> str:
     from bench.cell import run_cell
 
+    _keep_joblib_worker()
     hc = HydraConfig.get()
     grid = hc.runtime.choices.get("grid") or "adhoc"
     index = ""
