@@ -70,9 +70,11 @@ for _name, _module, _attrs in [
     ("diffusion_dpo", "methods.diffusion_dpo", ("DiffusionDPOMethod", "DiffusionDPO")),
     ("pso", "methods.pso", ("PSOMethod", "PSO")),
     ("spo", "methods.spo", ("SPOMethod", "SPO")),
+    ("spo_reward_x0", "methods.spo", ("SPORewardX0",)),
     ("sft", "methods.sft", ("SFTMethod", "SFT")),
     ("sdpo", "methods.sdpo", ("SDPOMethod", "SDPO")),
     ("sharpening", "methods.sharpening", ("SharpeningMethod", "DiffusionSharpeningMethod", "Sharpening")),
+    ("sharpening_sft", "methods.sharpening", ("SharpeningSFTMethod",)),
 ]:
     _REGISTRY.register(_name, _Lazy(_module, *_attrs))
 

@@ -72,6 +72,10 @@ class Config:
     """start timestep: "uniform" = t ~ U{0..999}, path length min(m, 1 + t // stride) (paper code); "grid" = a position of the num_steps grid where all m steps fit"""
     beta: float = 2500.0
     """DPO temperature on the loss difference (paper code `--beta_dpo` 2500; equals 5000 in Diffusion-DPO's 0.5*beta convention)"""
+    dataset: str | None = None
+    """SFT: the clean start image x0 of a prompt is one of its winner images (image_w) in this preference dataset
+    (the paper fine-tunes on an image dataset; `python -m tasks.toy.preferences` writes a toy one); None = a sample of
+    the frozen reference model (a stand-in, as the harness's tasks carry prompts, not images)"""
     reference_on_path: bool = False
     """RLHF: False = reference loss at the start timestep only (paper code); True = averaged over the same m steps as the policy"""
     batch_size: int = 8
@@ -111,6 +115,8 @@ class Config:
         check_positive(self, "num_samples", "trajectory_steps", "num_steps", "batch_size", "beta", "lora_rank",
                        "max_updates")
         check_positive(self, "lr", "weight_decay", "max_grad_norm", allow_zero=True)
+        if self.dataset and self.variant != "sft":
+            raise ValueError(f"dataset is read by the sft variant only; got variant={self.variant!r}")
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 to pick a best path, got {self.num_samples}")
 
@@ -227,6 +233,7 @@ class SharpeningMethod:
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()
+        self._data, self._data_gen = None, None
 
     def generate(self, policy, prompts: list[str], num_steps: int, *, noise: torch.Tensor,
                  budget: Budget | None = None) -> tuple[torch.Tensor, int]:
@@ -254,7 +261,7 @@ class SharpeningMethod:
         forwards with gradient. Reward calls: n * M, one per path step and copy."""
         cfg = self.config
         n = cfg.num_samples
-        generated = 1 if cfg.variant == "sft" else n
+        generated = (0 if cfg.dataset else 1) if cfg.variant == "sft" else n
         reference = 0 if cfg.variant == "sft" else n * (path_length if cfg.reference_on_path else 1)
         return {"sample_nfe": sample_nfe(generated, num_steps, nfe_per_predict) + reference * nfe_per_predict,
                 "grad_nfe": n * path_length * nfe_per_predict,
@@ -274,7 +281,10 @@ class SharpeningMethod:
 
         # 1. Clean start latents x0 (no gradient).
         with torch.no_grad():
-            if cfg.variant == "sft":
+            if cfg.variant == "sft" and self._data is not None:
+                image = self._data.targets_for([prompt], self._data_gen).to(policy.device)
+                x0 = policy.encode_images(image).float().expand(n, *policy.latent_shape)
+            elif cfg.variant == "sft":
                 # Stand-in for the paper's dataset image: a sample of the frozen reference model.
                 image_noise = torch.randn((1, *policy.latent_shape), generator=gen, device=gen.device)
                 with policy.reference():
@@ -287,7 +297,8 @@ class SharpeningMethod:
                 start = sampling.sample(policy, None, num_steps, cond=cond, noise=noise, kernel=KERNEL, eta=0.0,
                                         record=False, decode=False)
                 x0 = start.final_latents
-        budget.spend(sample_nfe=sample_nfe(len(x0) if cfg.variant == "rlhf" else 1, num_steps, npp))
+        generated = len(x0) if cfg.variant == "rlhf" else (0 if self._data is not None else 1)
+        budget.spend(sample_nfe=sample_nfe(generated, num_steps, npp))
         x = add_noise(scheduler, x0, noise, path[0][0])
 
         # 2. The M-step deterministic path on the policy; the gradient flows through the chain.
@@ -329,6 +340,15 @@ class SharpeningMethod:
         prompt_gen, path_gen = make_generator(task.seed), make_generator(task.seed + 1)
         noise_gen = make_generator(task.seed + 2, task.device)
         scheduler = policy.scheduler_for(KERNEL)
+        if cfg.variant == "sft" and cfg.dataset:
+            from methods.preference_data import OfflineDatasetPairs
+
+            self._data = OfflineDatasetPairs(cfg.dataset, resolution=policy.resolution)
+            self._data_gen = make_generator(task.seed + 3)
+            missing = sorted(set(task.prompts) - set(self._data.prompts))
+            if missing:
+                raise ValueError(f"the dataset {cfg.dataset} has no image of {len(missing)} training prompt(s), e.g. "
+                                 f"{missing[0]!r}; write one for the task's prompts (python -m tasks.toy.preferences)")
         # Under "uniform" sampling the path length is random, so an update starts only if it fits at the
         # longest length M = m: the run never overspends.
         worst = self.prompt_cost(cfg.trajectory_steps, num_steps, npp)
@@ -378,3 +398,24 @@ class SharpeningMethod:
 
 
 Sharpening = SharpeningMethod
+
+
+@dataclass
+class SFTConfig(Config):
+    """Diffusion-Sharpening, SFT variant (Algorithm 1) as a grid entry of its own (`method=sharpening_sft`), so a
+    leaderboard lists the two variants as two rows. The algorithm is the one of `method=sharpening
+    method.variant=sft`; only the default variant and the toy preset differ."""
+
+    variant: str = "sft"
+    """"sft" (Algorithm 1: denoising loss on the best path) | "rlhf" (Algorithm 2: DPO-style best vs worst)"""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "toy": dict(Config.presets["toy"]),
+    }
+
+
+class SharpeningSFTMethod(SharpeningMethod):
+    """Diffusion-Sharpening with the SFT variant by default (see SFTConfig)."""
+
+    name: ClassVar[str] = "sharpening_sft"
+    Config = SFTConfig

@@ -607,3 +607,25 @@ class SPO:
     def generate(self, policy, prompts: list[str], num_steps: int, *, noise: torch.Tensor,
                  budget: Budget | None = None) -> tuple[torch.Tensor, int]:
         return default_generate(policy, prompts, num_steps, noise=noise, budget=budget)
+
+
+@dataclass
+class RewardX0Config(Config):
+    """SPO with the task reward on each candidate's decoded x0 prediction as the step-wise preference model (the
+    paper's "w/o SPM" ablation), as a grid entry of its own (`method=spo_reward_x0`) so a leaderboard lists it beside
+    SPO with its trained SPM. The algorithm is the one of `method=spo method.preference_model=reward_x0`."""
+
+    preference_model: str = "reward_x0"
+    """"spm": step-aware preference model trained here (or loaded from spm_path); "reward_x0": the task reward on
+    each candidate's decoded x0 prediction."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "toy": dict(Config.presets["toy"]),
+    }
+
+
+class SPORewardX0(SPO):
+    """SPO with preference_model="reward_x0" by default (see RewardX0Config)."""
+
+    name: ClassVar[str] = "spo_reward_x0"
+    Config = RewardX0Config

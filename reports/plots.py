@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 PALETTE = {
-    "base": "#222222", "ddpo": "#1f77b4", "sdpo": "#d62728", "diffusion_dpo": "#2ca02c", "spo": "#9467bd",
-    "pso": "#ff7f0e", "sft": "#8c564b", "sharpening": "#e377c2", "inference_scaling": "#17becf",
+    "base": "#222222", "ddpo": "#1f77b4", "sdpo": "#d62728", "diffusion_dpo": "#2ca02c", "spo": "#9467bd", "spo_reward_x0": "#c5b0d5",
+    "pso": "#ff7f0e", "sft": "#8c564b", "sharpening": "#e377c2", "sharpening_sft": "#f7b6d2",
+    "inference_scaling": "#17becf",
 }
 _EXTRA = ["#bcbd22", "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39"]
 STYLE = {

@@ -24,8 +24,9 @@ from reports.frame import BASE, GROUP, UNTRAINED, Results, artifact, blocks, row
 TEMPLATES = Path(__file__).parent / "templates"
 METHOD_LABELS = {
     "base": "base (untrained)", "ddpo": "DDPO", "sdpo": "SDPO", "diffusion_dpo": "Diffusion-DPO", "spo": "SPO",
-    "pso": "PSO", "sft": "SFT (plain fine-tuning)", "sharpening": "Diffusion-Sharpening",
-    "inference_scaling": "Inference scaling",
+    "spo_reward_x0": "SPO (reward on x̂0, no SPM)",
+    "pso": "PSO", "sft": "SFT (plain fine-tuning)", "sharpening": "Diffusion-Sharpening (RLHF)",
+    "sharpening_sft": "Diffusion-Sharpening (SFT)", "inference_scaling": "Inference scaling",
 }
 SHORT_LABELS = {"base": "base", "sft": "SFT", "inference_scaling": "Inference scaling"}  # image-grid rows
 METHOD_ORDER = list(METHOD_LABELS)

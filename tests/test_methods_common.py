@@ -26,7 +26,8 @@ from methods.common import (
 )
 from tasks.registry import UnknownNameError
 
-ALL_METHODS = ["base", "ddpo", "diffusion_dpo", "inference_scaling", "pso", "sdpo", "sft", "sharpening", "spo"]
+ALL_METHODS = ["base", "ddpo", "diffusion_dpo", "inference_scaling", "pso", "sdpo", "sft", "sharpening", "sharpening_sft",
+               "spo", "spo_reward_x0"]
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -167,6 +167,23 @@ def test_config_validation_and_registry():
     assert set(Config.search_space()) <= set(Config.__dataclass_fields__)
 
 
+def test_sft_variant_has_its_own_grid_entry():
+    """method=sharpening_sft: the same algorithm with variant "sft" by default, its own registry name (so the grid and
+    the report list the two variants as two rows) and a generated YAML carrying every field's documentation."""
+    from bench import grid as grids
+    from bench.conf.generate import method_yaml
+
+    sft = methods.load("sharpening_sft", preset="toy")
+    assert sft.name == "sharpening_sft" and sft.config.variant == "sft" and isinstance(sft, Sharpening)
+    assert methods.load("sharpening", preset="toy").config.variant == "rlhf"
+    text = method_yaml("sharpening_sft")
+    assert "variant: sft" in text and "num_samples: 3   # n: noisy copies per prompt" in text
+    a = grids.compose(["method=sharpening_sft"])
+    b = grids.compose(["method=sharpening", "method.variant=sft"])
+    assert a["method"]["variant"] == b["method"]["variant"] == "sft"
+    assert grids.cell_run_name(a).startswith("sharpening_sft/") and grids.cell_run_name(b).startswith("sharpening/")
+
+
 def test_method_protocol_documented_fields_and_toy_preset():
     import dataclasses
     import inspect
@@ -213,6 +230,33 @@ def test_smoke_train_changes_adapters_and_counts_exactly(variant, reference_on_p
     assert tracker.steps("train/loss") == [per_update, 2 * per_update]
     assert tracker.series("train/path_length") == [float(m)] * 2
     assert all(torch.isfinite(torch.tensor(v)) for _, rec in tracker.records for v in rec.values())
+
+
+def test_sft_on_dataset_images_generates_nothing_and_denoises_the_dataset_image(tmp_path, monkeypatch):
+    """variant sft with a preference dataset: x0 is a winner image of the prompt (VAE-encoded), no start image is
+    generated (0 sampling NFEs), and a dataset missing a training prompt is refused before any compute."""
+    from tasks.toy import preferences
+
+    policy = tiny_policy()
+    out = tmp_path / "prefs"
+    preferences.main([str(out), "--pairs-per-prompt", "2", "--split", "train"])
+    prompts = ["a red circle", "two blue squares"]
+    config = Config(variant="sft", num_samples=2, trajectory_steps=2, num_steps=4, timestep_sampling="grid",
+                    batch_size=2, lr=1e-2, optimizer="adam", max_updates=None, dataset=str(out))
+    method = Sharpening(config)
+    encoded = []
+    original = policy.encode_images
+    monkeypatch.setattr(policy, "encode_images", lambda images, **kw: encoded.append(images) or original(images))
+    budget = Budget(max_nfe=2 * 2 * (2 * 2))  # 2 updates of 2 prompts x (n=2 copies x m=2 grad NFEs), no sampling
+    Sharpening(config).train(policy, Task(prompts=prompts, reward=CountingReward(), train_steps=4, seed=0), budget,
+                             NullTracker())
+    assert budget.sample_nfe == 0 and budget.grad_nfe == 16 and len(encoded) == 4
+    assert all(images.shape == (1, 3, 16, 16) for images in encoded)
+    with pytest.raises(ValueError, match="no image of 1 training prompt"):
+        method.train(policy, Task(prompts=["a purple hexagon"] + prompts, reward=CountingReward(), train_steps=4,
+                                  seed=0), Budget(max_nfe=100), NullTracker())
+    with pytest.raises(ValueError, match="sft variant only"):
+        Config(variant="rlhf", dataset=str(out))
 
 
 def test_uniform_sampling_never_overspends():

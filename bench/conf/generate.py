@@ -39,7 +39,19 @@ def _one_line(text: str) -> str:
 
 
 def _field_docs(config_cls: type) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Field docstrings and the section comments ("# --- sampling ---") found above each field."""
+    """Field docstrings and the section comments ("# --- sampling ---") found above each field, of the class and of
+    the dataclasses it derives from (a subclass's own docstring of a field wins)."""
+    docs: dict[str, str] = {}
+    sections: dict[str, list[str]] = {}
+    for cls in reversed(config_cls.__mro__):
+        if dataclasses.is_dataclass(cls) and cls.__dict__.get("__dataclass_fields__") is not None:
+            own_docs, own_sections = _own_field_docs(cls)
+            docs.update(own_docs)
+            sections.update(own_sections)
+    return docs, sections
+
+
+def _own_field_docs(config_cls: type) -> tuple[dict[str, str], dict[str, list[str]]]:
     source = textwrap.dedent(inspect.getsource(config_cls))
     lines = source.splitlines()
     tree = ast.parse(source).body[0]
