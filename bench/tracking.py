@@ -371,17 +371,31 @@ class CellRun:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_prompts(self, prompts: list[str], name: str, context: str) -> None:
-        """The prompts as a dataset input of the run (mlflow.data.from_pandas + log_input)."""
+        """The prompts as a dataset input of this run (mlflow.data.from_pandas, logged by run id, not through the
+        fluent active run). Two workers logging the same new dataset at once race on the store's unique key
+        (sqlite3.IntegrityError from the loser); the retry finds the winner's row and links it."""
+        import time
         import warnings
 
         import mlflow
         import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         frame = pd.DataFrame({"prompt_idx": range(len(prompts)), "prompt": prompts})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "integer column(s)" schema hint: not a model input
             dataset = mlflow.data.from_pandas(frame, name=name)
-            mlflow.log_input(dataset, context=context)
+            entry = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        for attempt in range(4):
+            try:
+                self.client.log_inputs(self.run_id, datasets=[entry])
+                return
+            except MlflowException as err:
+                if "UNIQUE constraint" not in str(err) and "IntegrityError" not in str(err) or attempt == 3:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     # end -----------------------------------------------------------------------------------------
     def fail(self, err: BaseException) -> None:

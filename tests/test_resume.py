@@ -56,6 +56,44 @@ def test_finished_cell_is_skipped(tiny_toy, tmp_path):
     assert run_cell(other, "resume") == "finished"
 
 
+def test_a_base_cell_held_by_another_worker_is_not_waited_for(tiny_toy, tmp_path):
+    """Base cells are shared by the method cells of a (model, reward, seed): when another worker of this machine
+    holds one, run_cell returns "running-elsewhere" at once (no second run, no idle core); a method cell trains
+    meanwhile and takes its gain over base once the base is finished."""
+    import threading
+
+    from bench.cell import cell_lock, run_cell
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = grids._plain(grids.compose([*small(tiny_toy, uri), "method=base"]))
+    ddpo = grids._plain(grids.compose([*small(tiny_toy, uri), "method=ddpo", "train_steps=1"]))
+    held, release = threading.Event(), threading.Event()
+
+    def other_worker():
+        with cell_lock(uri, grids.cell_id(base)) as got:
+            assert got
+            held.set()
+            release.wait(60)
+        # the lock holder finishes the base cell right after, as the real worker would
+        assert run_cell(base, "shared") == "finished"
+
+    worker = threading.Thread(target=other_worker)
+    worker.start()
+    held.wait(30)
+    started = time.monotonic()
+    assert run_cell(base, "shared") == "running-elsewhere"
+    assert time.monotonic() - started < 30
+    assert len(tracking.load_runs(uri, "shared")) == 0  # nothing was started for it
+    threading.Timer(2.0, release.set).start()  # the base finishes while the method cell trains / waits
+    assert run_cell(ddpo, "shared") == "finished"
+    worker.join(120)
+    runs = tracking.load_runs(uri, "shared")
+    assert Counter(zip(runs.run_name, runs.status)) == Counter({("base/toy-turbo/toy-all/k0/s0", "FINISHED"): 1,
+                                                                ("ddpo/toy-turbo/toy-all/k1/s0", "FINISHED"): 1})
+    gains = runs[runs.method == "ddpo"].filter(like="gain_over_base").dropna(axis=1)
+    assert len(gains.columns) > 0  # the gain over base was computed: the method cell waited for the base
+
+
 def test_stale_running_run_is_marked_killed_and_rerun(tiny_toy, tmp_path):
     from bench.cell import run_cell
 

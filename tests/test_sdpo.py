@@ -262,3 +262,35 @@ def test_budget_smaller_than_an_epoch_is_an_error():
     task = Task(prompts=["a red circle"], reward=CountingReward(), train_steps=2, seed=0)
     with pytest.raises(ValueError, match="smaller than one SDPO epoch"):
         SDPO(Config(num_steps=None, pairs_per_epoch=2)).train(policy, task, Budget(max_nfe=10), NullTracker())
+
+
+def test_train_last_step_false_never_trains_the_last_transition(monkeypatch):
+    """train_last_step=False: the last transition (whose action no scored x0-prediction depends on) gets no log-prob
+    recomputation, so no gradient; the epoch's gradient NFEs count T - 1 steps per trajectory. With one stochastic
+    step only (T = 1) that step is still trained, as in DDPO."""
+    from methods import sampling
+
+    policy = tiny_policy()
+    T, pairs = 3, 4
+    trained_steps = []
+    original = sampling.transition_log_prob
+
+    def spy(policy_, trajectory, k, **kw):
+        trained_steps.append(int(k))
+        return original(policy_, trajectory, k, **kw)
+
+    monkeypatch.setattr(sampling, "transition_log_prob", spy)
+    config = Config(num_steps=T, pairs_per_epoch=pairs, sample_batch_size=4, train_batch_size=2,
+                    gradient_accumulation_steps=1, stat_min_count=2, lr=1e-2, num_epochs=1, train_last_step=False)
+    budget = Budget(max_nfe=10_000)
+    task = Task(prompts=["a red circle", "two blue squares"], reward=CountingReward(), train_steps=1, seed=0)
+    SDPO(config).train(policy, task, budget, NullTracker())
+    assert set(trained_steps) == {0, 1} and T - 1 not in trained_steps
+    assert budget.grad_nfe == 2 * pairs * (T - 1)
+    assert SDPO(config).epoch_cost(T, T - 1, 1)["grad_nfe"] == budget.grad_nfe
+
+    trained_steps.clear()
+    one = Budget(max_nfe=10_000)
+    SDPO(Config(num_steps=1, pairs_per_epoch=2, sample_batch_size=2, train_batch_size=2, num_epochs=1,
+                train_last_step=False)).train(policy, task, one, NullTracker())
+    assert set(trained_steps) == {0} and one.grad_nfe == 2 * 2
