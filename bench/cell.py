@@ -1,6 +1,6 @@
 """One benchmark cell: (model, reward, method, K, seed) -> train within a budget -> evaluate at every S -> MLflow.
 
-    status = run_cell(cfg, grid="toy")      # "finished" | "skipped" | "failed" | "running-elsewhere"
+    status = run_cell(cfg, grid="toy")      # "finished" | "skipped" | "failed" | "running-elsewhere" | "n/a"
 
 Resume and faults: a cell whose cell_id already has a FINISHED run in the grid's experiment is skipped; RUNNING
 runs of the cell whose process is dead (SIGKILL, OOM killer, crashed machine) are marked KILLED first and the
@@ -159,6 +159,10 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
     and waits for the base only where it needs it, for the gain over base after its evaluation)."""
     cfg = grids._plain(cfg)
     validate.check_config(cfg)
+    reason = grids.not_applicable(cfg)
+    if reason is not None:
+        print(f"{index}n/a  {grids.cell_run_name(cfg)}: {reason}", flush=True)
+        return "n/a"
     import torch
 
     torch.set_num_threads(int(cfg["threads"]))

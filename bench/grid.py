@@ -63,6 +63,22 @@ def is_base(cfg: dict) -> bool:
     return cfg["method"]["name"] == BASE
 
 
+def not_applicable(cfg: Any) -> str | None:
+    """Why the cell's method cannot train at its K (its Config's ``min_train_steps()``, e.g. online PSO and SPO need
+    a stochastic step before the last one, so K >= 2), else None. Such cells of a grid are "n/a": nothing runs,
+    no MLflow run is made, and the grid's summary and plan list them apart instead of as failures."""
+    import methods
+
+    cfg = _plain(cfg)
+    if is_base(cfg):
+        return None
+    name = cfg["method"]["name"]
+    config = methods.make_config(name, **{k: v for k, v in cfg["method"].items() if k != "name"})
+    need = int(getattr(config, "min_train_steps", lambda: 1)())
+    k = resolved_train_steps(cfg)
+    return f"{name} trains at K >= {need} only, this cell has K = {k}" if k < need else None
+
+
 def cell_key(cfg: Any) -> dict:
     """The semantic part of a resolved config (what cell_id hashes)."""
     cfg = _plain(cfg)

@@ -603,7 +603,7 @@ def paper_estimate(grids_: Sequence[str] = ("sdxl-turbo", "sd-turbo")) -> dict[s
             cfg = grids._plain(grids.compose(job))
             with_base = cfg.get("with_base", True) and not grids.is_base(cfg)
             for c in ([grids.base_config(cfg)] if with_base else []) + [cfg]:
-                if grids.cell_id(c) not in seen:
+                if grids.not_applicable(c) is None and grids.cell_id(c) not in seen:
                     seen.add(grids.cell_id(c))
                     cells.append(c)
         model = cells[0]["model"]["name"]

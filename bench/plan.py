@@ -97,6 +97,8 @@ class Plan:
     cells: list[CellPlan] = field(default_factory=list)
     configs: list[dict] = field(default_factory=list)
     """One composed config per distinct group of jobs (what the preflight checks)."""
+    not_applicable: list[str] = field(default_factory=list)
+    """Run names of the grid's cells whose method cannot train at their K (bench.grid.not_applicable): not run."""
     peak_tflops: float = PEAK_TFLOPS
     utilisation: float = UTILISATION
 
@@ -105,7 +107,8 @@ class Plan:
         return sum(c.tflop for c in self.cells) / (self.peak_tflops * self.utilisation) / 3600.0
 
     def as_dict(self) -> dict:
-        return {"grid": self.grid, "cells": [asdict(c) for c in self.cells], "gpu_hours": self.gpu_hours,
+        return {"grid": self.grid, "cells": [asdict(c) for c in self.cells], "not_applicable": self.not_applicable,
+                "gpu_hours": self.gpu_hours,
                 "peak_tflops": self.peak_tflops, "utilisation": self.utilisation,
                 "total_nfe": sum(c.train_nfe + c.eval_nfe for c in self.cells)}
 
@@ -275,6 +278,9 @@ def plan(overrides: list[str], multirun: bool = True, *, peak_tflops: float = PE
                 groups[group] = grids._plain(grids.compose(job))
                 result.configs.append(groups[group])
             cfg = _with_values(groups[group], job)
+            if grids.not_applicable(cfg) is not None:
+                result.not_applicable.append(grids.cell_run_name(cfg))
+                continue
             result.cells.append(cell_plan(cfg))
     return result
 
@@ -330,6 +336,10 @@ def format_plan(p: Plan) -> str:
     base = sum(1 for c in cells if c.method == "base")
     lines = [f"plan of grid {p.grid} (MLflow experiment stepbench/{p.grid}): {len(cells)} cells "
              f"({base} base + {len(cells) - base} trained)"]
+    if p.not_applicable:
+        methods_na = sorted({name.split("/")[0] for name in p.not_applicable})
+        lines.append(f"  n/a: {len(p.not_applicable)} more cells of {', '.join(methods_na)} at a K their method cannot "
+                     f"train at (not run, not counted), e.g. {p.not_applicable[0]}")
     cfg = p.configs[0] if p.configs else {}
     if cfg:
         models = sorted({c.model for c in cells})

@@ -114,17 +114,21 @@ def _open_experiments(plan: Plan) -> None:
 
 
 def summarize(plan: Plan) -> int:
-    """Print each cell's latest status; return the number of cells not FINISHED."""
+    """Print each cell's latest status; return the number of cells not FINISHED (cells whose method cannot train at
+    their K are counted "n/a", not as failures)."""
     from bench import grid as grids
     from bench.tracking import Store
 
     cells: dict[str, dict] = {}
+    counts: dict[str, int] = {}
     for cell in plan.cells:
+        if grids.not_applicable(cell) is not None:
+            counts["n/a"] = counts.get("n/a", 0) + 1  # never run (the method cannot train at this K): not a failure
+            continue
         if cell.get("with_base", True) and not grids.is_base(cell):
             base = grids.base_config(cell)
             cells.setdefault(grids.cell_id(base), base)
         cells.setdefault(grids.cell_id(cell), cell)
-    counts: dict[str, int] = {}
     bad = []
     stores: dict[str, Store] = {}
     for cid, cell in cells.items():
@@ -137,7 +141,7 @@ def summarize(plan: Plan) -> int:
         if status != "FINISHED":
             bad.append(f"  {status:8s} {grids.cell_run_name(cell)} (cell {cid})")
     parts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-    print(f"grid {plan.grid}: {len(cells)} cells: {parts}", flush=True)
+    print(f"grid {plan.grid}: {len(cells) + counts.get('n/a', 0)} cells: {parts}", flush=True)
     for line in bad:
         print(line, flush=True)
     return len(bad)

@@ -171,6 +171,11 @@ class Config:
         fill = {k: v for k, v in _MODE_DEFAULTS[self.mode].items() if getattr(self, k) is None}
         return dataclasses.replace(self, **fill)
 
+    def min_train_steps(self) -> int:
+        """Smallest K this config can train at: online PSO trains the stochastic steps before the last, so K >= 2;
+        offline PSO takes timesteps of the grid, any K. The harness marks smaller-K cells "n/a" (bench.grid)."""
+        return 2 if self.mode == "online" else 1
+
     @classmethod
     def search_space(cls) -> dict[str, tuple]:
         return {

@@ -158,6 +158,11 @@ class Config:
         if self.spm_loss == "pairwise" and self.spm_samples_per_prompt < 2:
             raise ValueError("spm_loss='pairwise' needs spm_samples_per_prompt >= 2")
 
+    def min_train_steps(self) -> int:
+        """Smallest K this config can train at: SPO branches the stochastic steps from start_step up to the one
+        before the last, so K >= start_step + 2. The harness marks smaller-K cells "n/a" (bench.grid)."""
+        return self.start_step + 2
+
     @classmethod
     def search_space(cls) -> dict[str, tuple]:
         return {

@@ -94,6 +94,31 @@ def test_a_base_cell_held_by_another_worker_is_not_waited_for(tiny_toy, tmp_path
     assert len(gains.columns) > 0  # the gain over base was computed: the method cell waited for the base
 
 
+def test_cells_a_method_cannot_train_are_not_applicable_not_failed(tiny_toy, tmp_path, capsys):
+    """Online PSO and SPO train the stochastic steps before the last one, so K = 1 cells of a grid are "n/a": no run,
+    no base run, and the grid's summary counts them apart from failures (exit status 0 when the rest finished)."""
+    from bench.cell import run_cell
+    from bench.run import Plan, summarize
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    pso_k1 = grids._plain(grids.compose([*small(tiny_toy, uri), "method=pso", "train_steps=1"]))
+    spo_k2 = grids._plain(grids.compose([*small(tiny_toy, uri), "method=spo", "train_steps=2"]))
+    offline = grids._plain(grids.compose([*small(tiny_toy, uri), "method=pso", "train_steps=1", "method.mode=offline",
+                                          "method.dataset=x"]))
+    assert grids.not_applicable(pso_k1) == "pso trains at K >= 2 only, this cell has K = 1"
+    assert grids.not_applicable(spo_k2) is None and grids.not_applicable(offline) is None
+    assert grids.not_applicable(grids._plain(grids.compose([*small(tiny_toy, uri), "method=spo", "train_steps=2",
+                                                            "method.start_step=1"]))) is not None
+    assert run_cell(pso_k1, "na") == "n/a"
+    assert "n/a  pso/toy-turbo/toy-all/k1/s0: pso trains at K >= 2 only" in capsys.readouterr().out
+    with pytest.raises(Exception, match="unknown experiment 'stepbench/na'"):
+        tracking.load_runs(uri, "na")  # not even the grid's experiment was made: nothing ran
+    base = grids._plain(grids.compose([*small(tiny_toy, uri), "method=base"]))
+    assert run_cell(base, "na") == "finished"
+    assert summarize(Plan(grid="na", multirun=True, cells=[base, pso_k1])) == 0
+    assert "grid na: 2 cells: 1 finished, 1 n/a" in capsys.readouterr().out
+
+
 def test_stale_running_run_is_marked_killed_and_rerun(tiny_toy, tmp_path):
     from bench.cell import run_cell
 
