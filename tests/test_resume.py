@@ -56,37 +56,43 @@ def test_finished_cell_is_skipped(tiny_toy, tmp_path):
     assert run_cell(other, "resume") == "finished"
 
 
-def test_a_base_cell_held_by_another_worker_is_not_waited_for(tiny_toy, tmp_path):
+def test_a_base_cell_held_by_another_worker_is_not_waited_for(tiny_toy, tmp_path, monkeypatch):
     """Base cells are shared by the method cells of a (model, reward, seed): when another worker of this machine
-    holds one, run_cell returns "running-elsewhere" at once (no second run, no idle core); a method cell trains
+    is running one, run_cell returns "running-elsewhere" at once (no second run, no idle core); a method cell trains
     meanwhile and takes its gain over base once the base is finished."""
     import threading
 
+    from bench import cell
     from bench.cell import cell_lock, run_cell
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     base = grids._plain(grids.compose([*small(tiny_toy, uri), "method=base"]))
     ddpo = grids._plain(grids.compose([*small(tiny_toy, uri), "method=ddpo", "train_steps=1"]))
-    held, release = threading.Event(), threading.Event()
+    release = threading.Event()
+    execute = cell._execute
 
-    def other_worker():
-        with cell_lock(uri, grids.cell_id(base)) as got:
-            assert got
-            held.set()
+    def slow_base(cfg, *args, **kwargs):  # the other worker's base cell runs until released
+        if grids.is_base(cfg) and threading.current_thread().name == "other-worker":
             release.wait(60)
-        # the lock holder finishes the base cell right after, as the real worker would
-        assert run_cell(base, "shared") == "finished"
+        return execute(cfg, *args, **kwargs)
 
-    worker = threading.Thread(target=other_worker)
+    monkeypatch.setattr(cell, "_execute", slow_base)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(run_cell(base, "shared")), name="other-worker")
     worker.start()
-    held.wait(30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the other worker holds the base cell's lock
+        with cell_lock(uri, grids.cell_id(base), wait=False) as free:
+            if not free:
+                break
+        time.sleep(0.05)
     started = time.monotonic()
     assert run_cell(base, "shared") == "running-elsewhere"
     assert time.monotonic() - started < 30
-    assert len(tracking.load_runs(uri, "shared")) == 0  # nothing was started for it
     threading.Timer(2.0, release.set).start()  # the base finishes while the method cell trains / waits
     assert run_cell(ddpo, "shared") == "finished"
     worker.join(120)
+    assert results == ["finished"]
     runs = tracking.load_runs(uri, "shared")
     assert Counter(zip(runs.run_name, runs.status)) == Counter({("base/toy-turbo/toy-all/k0/s0", "FINISHED"): 1,
                                                                 ("ddpo/toy-turbo/toy-all/k1/s0", "FINISHED"): 1})
