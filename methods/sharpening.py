@@ -105,7 +105,9 @@ class Config:
         # Toy world: paths on the cell's own trailing grid (toy-turbo: 4 steps, so a 3-step path starts at t = 999
         # or 749); toy-recipes.md's optimizer (full fine-tune, Adam). Probes of 2026-12-05 (K = 4, 20k NFEs, gain in
         # toy-all at S = 4 over n = 1,024 paired samples), RLHF: lr 5e-5 -0.049 (the first grid); with
-        # reference_on_path lr 3e-5 -0.040, lr 1e-5 +0.017 / 0.000 (seeds 0 / 1), batch 4 -0.012.
+        # reference_on_path lr 3e-5 -0.040, lr 1e-5 +0.017 / 0.000 (seeds 0 / 1), batch 4 -0.012,
+        # batch 2 -0.037; the code's reference (start timestep only) at lr 1e-5 -0.005; one-step paths
+        # (trajectory_steps=1) lr 1e-5 -0.028, lr 3e-5 -0.174. No setting beat base by 3 SE.
         "toy": dict(num_steps=None, timestep_sampling="grid", optimizer="adam", lr=1e-5, adam_beta1=0.9,
                     adam_beta2=0.999, max_updates=None, reference_on_path=True),
     }
