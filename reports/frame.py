@@ -125,6 +125,13 @@ def load(uri: str | None = None, experiments: list[str] | None = None, *, latest
     newest = finished.assign(_cell=cell).sort_values("start_time").drop_duplicates(["experiment", "_cell"], keep="last")
     for run_name in finished.loc[~finished.index.isin(newest.index), "run_name"]:
         problems.append(f"older duplicate FINISHED run of cell {run_name} ignored")
+    # one run per grid position (method/model/reward/K/seed): after a config change (a retuned preset) the grid reruns
+    # those cells under new cell ids; mixing both configs into one row would be wrong, so the newest config wins
+    latest = newest.drop_duplicates(["experiment", "run_name"], keep="last")
+    for _, run in newest.loc[~newest.index.isin(latest.index)].iterrows():
+        problems.append(f"{run['run_name']}: FINISHED run of an older config (cell {run['_cell']}) superseded by a "
+                        f"newer run of another config, ignored")
+    newest = latest
     pieces = []
     for run in newest.itertuples():
         try:

@@ -396,3 +396,33 @@ def test_a_grid_whose_cells_all_failed_still_renders(template, tmp_path):
     paths = write_report(load(uri), tmp_path / "out", pdf=False)
     html = paths["html"].read_text()
     assert "ValueError: lr must be positive" in html and "No finished cell" in html
+
+
+def test_a_retuned_cell_replaces_the_older_config_of_the_same_grid_position(template, tmp_path):
+    """After a preset changes, the grid reruns a position (method/model/reward/K/seed) under a new cell id; the
+    report takes the newest config's run only (never a mix of both configs) and says which run it ignored."""
+    import time
+
+    uri, _ = write_store(tmp_path / "store", template=template, failed=False)
+    store = tracking.Store(uri)
+    exp = store.experiment_id("toy")
+    name = tracking.run_name("pso", "toy-turbo", REWARDS[0], 2, 0)
+    time.sleep(0.01)  # a later start_time than every run of write_store
+    tags = dict(method="pso", model="toy-turbo", reward=REWARDS[0], seed=0, grid="toy", train_steps=2,
+                cell_id="pso20retuned1", git_commit="0123456789abcdef", device="cpu")
+    with store.start_run(exp, name, tags) as run:
+        run.log_params({"eval.n": N_SAMPLES, "eval.steps": list(STEPS), "reward.name": REWARDS[0]})
+        rows = [dict(run_id=run.run_id, cell_id="pso20retuned1", method="pso", prompt=PROMPTS[i % N_PROMPTS],
+                     prompt_idx=i % N_PROMPTS, sample_idx=i, seed=0, S=s, reward=reward, value=1.0,
+                     model="toy-turbo", train_steps=2, eval_seed=0)
+                for reward in REWARDS for i in range(N_SAMPLES) for s in STEPS]
+        out = tmp_path / run.run_id
+        out.mkdir()
+        pd.DataFrame(rows).to_parquet(out / "scores.parquet")
+        run.client.log_artifacts(run.run_id, str(out), "eval")
+        new_run = run.run_id
+    results = load(uri)
+    pso = results.scores[results.scores["method"] == "pso"]
+    assert set(pso["run_id"]) == {new_run} and (pso["value"] == 1.0).all()
+    assert any(p.startswith(f"{name}: FINISHED run of an older config (cell pso20abcdef)") for p in results.problems)
+    assert set(results.scores[results.scores["method"] == "ddpo"]["seed"]) == {0, 1}  # other positions untouched
