@@ -215,12 +215,9 @@ class DDPOMethod:
 
     # ------------------------------------------------------------------------------------------------------
     def trained_steps(self, policy, num_steps: int) -> torch.Tensor:
-        """(K,) bool: the transitions DDPO may train on: the stochastic ones, minus the last when
-        train_last_step=False and another stochastic step exists."""
-        mask = stochastic_steps(policy, num_steps, self.config.eta, self.config.kernel)
-        if not self.config.train_last_step and mask[:-1].any():
-            mask[-1] = False
-        return mask
+        """(K,) bool: the transitions DDPO may train on (`sampling.trainable_steps`)."""
+        return sampling.trainable_steps(policy, num_steps, self.config.eta, self.config.kernel,
+                                        train_last_step=self.config.train_last_step)
 
     def epoch_cost(self, num_steps: int, num_trained: int, nfe_per_predict: int) -> dict[str, int]:
         """Exact cost of one epoch: sampling NFEs (samples x K x nfe_per_predict), gradient NFEs (one
@@ -397,18 +394,6 @@ class DDPOMethod:
         if cfg.advantage == "tracker":
             metrics.update({f"train/{k}": v for k, v in stat_tracker.stats().items()})
         return metrics
-
-
-def stochastic_steps(policy, num_steps: int, eta: float, kernel: str | None) -> torch.Tensor:
-    """(K,) bool: which of the K transitions have std > 0 (hence a log-prob) for this sampler setting. Computed
-    from the kernel's own transition on a dummy latent (std does not depend on the latent), before sampling."""
-    kernel = kernel or policy.spec.scheduler
-    scheduler = policy.scheduler_for(kernel)
-    timesteps, prev = sampling.timestep_grid(scheduler, num_steps, kernel)
-    dummy = torch.zeros(1, 1, 1, 1)
-    stds = [float(sampling.transition(kernel, scheduler, dummy, dummy, int(t), int(p), eta)[1])
-            for t, p in zip(timesteps, prev)]
-    return torch.tensor([std > 0 for std in stds], dtype=torch.bool)
 
 
 DDPO = DDPOMethod

@@ -406,3 +406,26 @@ def transition_log_prob(policy: Policy, traj: Trajectory, k: int, *, index=None)
     output = policy.predict(model_input(traj.kernel, scheduler, x, t), t.to(policy.device), cond)
     mean, std, _ = transition(traj.kernel, scheduler, output, x, t, t_prev, traj.eta)
     return gaussian_log_prob(x_next, mean, std)
+
+
+def stochastic_steps(policy: Policy, num_steps: int, eta: float, kernel: str | None = None) -> torch.Tensor:
+    """(K,) bool: which of the K transitions have std > 0 (hence a log-prob) at this kernel, grid and eta. The std of
+    every kernel depends only on (t, t_prev, eta), so a dummy transition answers it before sampling."""
+    kernel = kernel or policy.spec.scheduler
+    scheduler = policy.scheduler_for(kernel)
+    timesteps, prev = timestep_grid(scheduler, num_steps, kernel)
+    dummy = torch.zeros(1, 1, 1, 1)
+    return torch.tensor([float(transition(kernel, scheduler, dummy, dummy, int(t), int(p), eta)[1]) > 0
+                         for t, p in zip(timesteps, prev)], dtype=torch.bool)
+
+
+def trainable_steps(policy: Policy, num_steps: int, eta: float, kernel: str | None = None, *,
+                    train_last_step: bool = True) -> torch.Tensor:
+    """(K,) bool: the transitions a log-prob method trains on: the stochastic ones, minus the last when
+    train_last_step=False and another stochastic step exists. The last few-step transition is nearly deterministic
+    (DDIM eta 1: std ~0.03 on SD, ~0.006 on the toy), so its log-ratio is large and noisy; at K = 1 it is the only
+    action and stays trainable."""
+    mask = stochastic_steps(policy, num_steps, eta, kernel)
+    if not train_last_step and mask[:-1].any():
+        mask[-1] = False
+    return mask

@@ -303,10 +303,9 @@ class SDPOMethod:
         generators = {"prompt": generator(task.seed), "shuffle": generator(task.seed + 1),
                       "noise": generator(task.seed + 2, task.device)}
 
-        stochastic = stochastic_steps(policy, num_steps, cfg.eta, cfg.kernel)  # (T,) bool
-        trainable = stochastic.clone()
-        if not cfg.train_last_step and trainable[:-1].any():
-            trainable[-1] = False
+        stochastic = sampling.stochastic_steps(policy, num_steps, cfg.eta, cfg.kernel)  # (T,) bool
+        trainable = sampling.trainable_steps(policy, num_steps, cfg.eta, cfg.kernel,
+                                             train_last_step=cfg.train_last_step)
         num_trained = int(int(trainable.sum()) * cfg.timestep_fraction)
         if num_trained < 1:
             raise ValueError(f"nothing to train: {int(trainable.sum())} trainable step(s) of {num_steps} at "
@@ -502,17 +501,6 @@ def score_steps(policy, reward, x0_preds: torch.Tensor, steps: torch.Tensor, pro
     images = torch.cat([policy.decode(chunk) for chunk in latents.split(num_rows)])  # (U, 3, H, W)
     values = torch.as_tensor(reward(images, [prompts[r] for r in rows.tolist()])).detach().float().cpu().reshape(-1)
     return values[inverse].view(steps.shape)
-
-
-def stochastic_steps(policy, num_steps: int, eta: float, kernel: str | None) -> torch.Tensor:
-    """(T,) bool: which transitions have std > 0 (and so a log-prob) at this kernel, grid and eta. The std of
-    every kernel depends only on (t, t_prev, eta), so a dummy transition answers it before sampling."""
-    kernel = kernel or policy.spec.scheduler
-    scheduler = policy.scheduler_for(kernel)
-    timesteps, prev_timesteps = sampling.timestep_grid(scheduler, num_steps, kernel)
-    dummy = torch.zeros(1, *policy.latent_shape)
-    return torch.tensor([float(sampling.transition(kernel, scheduler, dummy, dummy, int(t), int(t_prev), eta)[1]) > 0
-                         for t, t_prev in zip(timesteps, prev_timesteps)], dtype=torch.bool)
 
 
 SDPO = SDPOMethod

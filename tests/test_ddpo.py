@@ -93,7 +93,7 @@ def test_stochastic_mask_matches_sampler():
     policy = tiny_policy()
     for steps, eta in [(1, 1.0), (4, 1.0), (4, 0.0)]:
         traj = sampling.sample(policy, PROMPTS[:1], steps, generator=torch.Generator().manual_seed(0), eta=eta)
-        assert torch.equal(ddpo.stochastic_steps(policy, steps, eta, "ddim"), traj.stochastic)
+        assert torch.equal(sampling.stochastic_steps(policy, steps, eta, "ddim"), traj.stochastic)
 
 
 def test_train_changes_adapters_and_spends_exact_budget():

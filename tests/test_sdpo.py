@@ -16,8 +16,8 @@ from methods.sdpo import (
     loss,
     normalise_returns,
     step_similarities,
-    stochastic_steps,
 )
+from methods.sampling import stochastic_steps
 
 # ------------------------------------------------------------------------------------------- pure functions
 
