@@ -263,8 +263,9 @@ class PSO:
 
     # ------------------------------------------------------------------------------------------- online
     def _train_online(self, cfg, policy, task, budget, tracker, optimizer, params, gen) -> None:
-        if task.train_steps < 2:
-            raise ValueError("online PSO trains the stochastic steps before the last one: train_steps must be >= 2")
+        if task.train_steps < cfg.min_train_steps():
+            raise ValueError("online PSO trains the stochastic steps before the last one: "
+                             f"train_steps must be >= {cfg.min_train_steps()}")
         source = OnlineRewardPairs(prompts_per_round=cfg.prompts_per_round, samples_per_prompt=2, eta=cfg.sample_eta,
                                    pairing="best_worst", min_gap=cfg.min_reward_gap, ties=cfg.ties, kernel=cfg.kernel)
         round_nfe, round_calls = source.round_cost(task.train_steps, policy.nfe_per_predict)

@@ -545,10 +545,9 @@ class SPO:
         cfg = self.config
         log.info("spo config: %s", describe(cfg))
         K = task.train_steps
-        if K < 2:
-            raise ValueError("SPO branches stochastic steps before the last one: train_steps must be >= 2")
-        if cfg.start_step > K - 2:
-            raise ValueError(f"start_step={cfg.start_step} leaves no branching step on a {K}-step grid")
+        if K < cfg.min_train_steps():
+            raise ValueError(f"SPO branches the stochastic steps from start_step={cfg.start_step} to the one before the "
+                             f"last: train_steps must be >= {cfg.min_train_steps()}, got {K}")
         check_run_length(budget, cfg.max_updates)
         self.updates = 0
         kernel = cfg.kernel or policy.spec.scheduler
