@@ -237,7 +237,6 @@ class SharpeningMethod:
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()
-        self._data, self._data_gen = None, None
 
     def generate(self, policy, prompts: list[str], num_steps: int, *, noise: torch.Tensor,
                  budget: Budget | None = None) -> tuple[torch.Tensor, int]:
@@ -259,13 +258,19 @@ class SharpeningMethod:
         length = min(cfg.trajectory_steps, 1 + t // stride)
         return [(t - stride * m, t - stride * (m + 1) if t - stride * (m + 1) >= 0 else -1) for m in range(length)]
 
+    def generated_images(self) -> int:
+        """Start images generated per prompt: n for RLHF (from the current policy), 1 for SFT (a reference-model
+        sample), 0 for SFT on a dataset."""
+        cfg = self.config
+        return cfg.num_samples if cfg.variant == "rlhf" else (0 if cfg.dataset else 1)
+
     def prompt_cost(self, path_length: int, num_steps: int, nfe_per_predict: int) -> dict[str, int]:
         """Exact cost of one prompt. Sample NFEs: generating the start image(s) (1 for SFT, n for RLHF) plus,
         for RLHF, the reference's forwards (n, or n * M with reference_on_path). Grad NFEs: n * M path
         forwards with gradient. Reward calls: n * M, one per path step and copy."""
         cfg = self.config
         n = cfg.num_samples
-        generated = (0 if cfg.dataset else 1) if cfg.variant == "sft" else n
+        generated = self.generated_images()
         reference = 0 if cfg.variant == "sft" else n * (path_length if cfg.reference_on_path else 1)
         return {"sample_nfe": sample_nfe(generated, num_steps, nfe_per_predict) + reference * nfe_per_predict,
                 "grad_nfe": n * path_length * nfe_per_predict,
@@ -273,9 +278,9 @@ class SharpeningMethod:
 
     # -- one prompt ---------------------------------------------------------------------------------
     def _prompt_terms(self, policy, reward, prompt: str, num_steps: int, path: list[tuple[int, int]],
-                      gen: torch.Generator, budget: Budget) -> dict[str, torch.Tensor]:
+                      gen: torch.Generator, budget: Budget, dataset=None) -> dict[str, torch.Tensor]:
         """Per copy k (each (n,)): the path reward R^k, the policy's denoising loss l^k (with gradient) and,
-        for RLHF, the reference's l_ref^k."""
+        for RLHF, the reference's l_ref^k. dataset: (OfflineDatasetPairs, generator) of the SFT start images."""
         cfg = self.config
         n, npp = cfg.num_samples, int(policy.nfe_per_predict)
         scheduler = policy.scheduler_for(KERNEL)
@@ -285,8 +290,9 @@ class SharpeningMethod:
 
         # 1. Clean start latents x0 (no gradient).
         with torch.no_grad():
-            if cfg.variant == "sft" and self._data is not None:
-                image = self._data.targets_for([prompt], self._data_gen).to(policy.device)
+            if cfg.variant == "sft" and dataset is not None:
+                data, data_gen = dataset
+                image = data.targets_for([prompt], data_gen).to(policy.device)
                 x0 = policy.encode_images(image).float().expand(n, *policy.latent_shape)
             elif cfg.variant == "sft":
                 # Stand-in for the paper's dataset image: a sample of the frozen reference model.
@@ -301,8 +307,7 @@ class SharpeningMethod:
                 start = sampling.sample(policy, None, num_steps, cond=cond, noise=noise, kernel=KERNEL, eta=0.0,
                                         record=False, decode=False)
                 x0 = start.final_latents
-        generated = len(x0) if cfg.variant == "rlhf" else (0 if self._data is not None else 1)
-        budget.spend(sample_nfe=sample_nfe(generated, num_steps, npp))
+        budget.spend(sample_nfe=sample_nfe(self.generated_images(), num_steps, npp))
         x = add_noise(scheduler, x0, noise, path[0][0])
 
         # 2. The M-step deterministic path on the policy; the gradient flows through the chain.
@@ -344,12 +349,12 @@ class SharpeningMethod:
         prompt_gen, path_gen = make_generator(task.seed), make_generator(task.seed + 1)
         noise_gen = make_generator(task.seed + 2, task.device)
         scheduler = policy.scheduler_for(KERNEL)
+        dataset = None
         if cfg.variant == "sft" and cfg.dataset:
             from methods.preference_data import OfflineDatasetPairs
 
-            self._data = OfflineDatasetPairs(cfg.dataset, resolution=policy.resolution)
-            self._data_gen = make_generator(task.seed + 3)
-            missing = sorted(set(task.prompts) - set(self._data.prompts))
+            dataset = (OfflineDatasetPairs(cfg.dataset, resolution=policy.resolution), make_generator(task.seed + 3))
+            missing = sorted(set(task.prompts) - set(dataset[0].prompts))
             if missing:
                 raise ValueError(f"the dataset {cfg.dataset} has no image of {len(missing)} training prompt(s), e.g. "
                                  f"{missing[0]!r}; write one for the task's prompts (python -m tasks.toy.preferences)")
@@ -378,7 +383,8 @@ class SharpeningMethod:
                 for prompt in (task.prompts[i] for i in picks):
                     # One prompt per forward/backward (the paper code's batch of 1): its n copies share t.
                     path = self.path_timesteps(scheduler, num_steps, path_gen)
-                    terms = self._prompt_terms(policy, task.reward, prompt, num_steps, path, noise_gen, budget)
+                    terms = self._prompt_terms(policy, task.reward, prompt, num_steps, path, noise_gen, budget,
+                                               dataset)
                     ref_losses = terms.get("ref_losses")
                     value, info = loss(cfg.variant, terms["model_losses"][None], terms["rewards"][None],
                                        None if ref_losses is None else ref_losses[None], cfg.beta)
