@@ -31,6 +31,7 @@ Run niced on shared machines (``nice -n 15``); one torch thread per process (OMP
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -474,26 +475,22 @@ def bench_grid(repeats: int, workers: Sequence[int], model_path: str | None, wor
 # ============================================================================================== toy grid
 
 
-_TOY_GRID: dict[str, Any] = {}
-
-
+@functools.cache
 def toy_grid() -> dict[str, Any]:
     """What `nox -s bench` runs, read from bench/conf/grid/toy.yaml: its distinct cells as (method, K) (base once
     per seed), training budget, eval n and eval batch size."""
-    if not _TOY_GRID:
-        from bench import grid as grids
+    from bench import grid as grids
 
-        seen, cells, cfg = set(), [], None
-        for job in grids.expand(["grid=toy"], True):
-            cfg = grids._plain(grids.compose(job))
-            for c in ([grids.base_config(cfg)] if not grids.is_base(cfg) else []) + [cfg]:
-                cid = grids.cell_id(c)
-                if cid not in seen:
-                    seen.add(cid)
-                    cells.append((c["method"]["name"], 0 if grids.is_base(c) else grids.resolved_train_steps(c)))
-        _TOY_GRID.update(cells=cells, nfe=int(cfg["budget"]["nfe"]), eval_n=int(cfg["eval"]["n"]),
-                         eval_batch_size=int(cfg["eval"]["batch_size"]))
-    return _TOY_GRID
+    seen, cells, cfg = set(), [], None
+    for job in grids.expand(["grid=toy"], True):
+        cfg = grids._plain(grids.compose(job))
+        for c in ([grids.base_config(cfg)] if not grids.is_base(cfg) else []) + [cfg]:
+            cid = grids.cell_id(c)
+            if cid not in seen:
+                seen.add(cid)
+                cells.append((c["method"]["name"], 0 if grids.is_base(c) else grids.resolved_train_steps(c)))
+    return dict(cells=cells, nfe=int(cfg["budget"]["nfe"]), eval_n=int(cfg["eval"]["n"]),
+                eval_batch_size=int(cfg["eval"]["batch_size"]))
 
 
 def estimate_toy_grid(cells_summary: dict[str, dict[str, Any]], speedup: float | None) -> dict[str, Any]:

@@ -393,7 +393,8 @@ class CellRun:
                 self.client.log_inputs(self.run_id, datasets=[entry])
                 return
             except MlflowException as err:
-                if "UNIQUE constraint" not in str(err) and "IntegrityError" not in str(err) or attempt == 3:
+                unique_key_race = "unique" in str(err).lower()  # SQLite "UNIQUE constraint", PostgreSQL "unique constraint"
+                if not unique_key_race or attempt == 3:
                     raise
                 time.sleep(0.2 * (attempt + 1))
 

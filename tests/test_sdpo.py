@@ -8,6 +8,7 @@ import torch
 
 import methods
 from methods.common import Budget, NullTracker, PerPromptStatTracker, Task
+from methods.sampling import stochastic_steps
 from methods.sdpo import (
     SDPO,
     Config,
@@ -17,7 +18,6 @@ from methods.sdpo import (
     normalise_returns,
     step_similarities,
 )
-from methods.sampling import stochastic_steps
 
 # ------------------------------------------------------------------------------------------- pure functions
 
