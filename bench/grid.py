@@ -176,3 +176,23 @@ def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     lines = [f"{k}={v}" for k, v in params.items()] + overrides
     jobs = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)[0]
     return [list(job) for job in jobs]
+
+
+def grid_cells(overrides: list[str], *, applicable_only: bool = True) -> list[dict]:
+    """Every distinct cell a multirun of `overrides` would run, composed, in run order: each job's base cell first
+    (as bench.cell runs it, unless with_base=false), then the job; duplicates by cell_id once. Cells the grid
+    marks n/a (`not_applicable`) are left out unless applicable_only=False. Composes every job: for a plan of
+    a large grid, bench.plan composes once per group of jobs instead."""
+    seen: set[str] = set()
+    cells: list[dict] = []
+    for job in expand(overrides, True):
+        cfg = _plain(compose(job))
+        with_base = cfg.get("with_base", True) and not is_base(cfg)
+        for cell in ([base_config(cfg)] if with_base else []) + [cfg]:
+            if applicable_only and not_applicable(cell) is not None:
+                continue
+            if cell_id(cell) not in seen:
+                seen.add(cell_id(cell))
+                cells.append(cell)
+    return cells
+

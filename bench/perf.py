@@ -481,14 +481,9 @@ def toy_grid() -> dict[str, Any]:
     per seed), training budget, eval n and eval batch size."""
     from bench import grid as grids
 
-    seen, cells, cfg = set(), [], None
-    for job in grids.expand(["grid=toy"], True):
-        cfg = grids._plain(grids.compose(job))
-        for c in ([grids.base_config(cfg)] if not grids.is_base(cfg) else []) + [cfg]:
-            cid = grids.cell_id(c)
-            if cid not in seen:
-                seen.add(cid)
-                cells.append((c["method"]["name"], 0 if grids.is_base(c) else grids.resolved_train_steps(c)))
+    composed = grids.grid_cells(["grid=toy"])
+    cfg = next(c for c in composed if not grids.is_base(c))
+    cells = [(c["method"]["name"], 0 if grids.is_base(c) else grids.resolved_train_steps(c)) for c in composed]
     return dict(cells=cells, nfe=int(cfg["budget"]["nfe"]), eval_n=int(cfg["eval"]["n"]),
                 eval_batch_size=int(cfg["eval"]["batch_size"]))
 
@@ -594,15 +589,7 @@ def paper_estimate(grids_: Sequence[str] = ("sdxl-turbo", "sd-turbo")) -> dict[s
         if not (grids.CONF_DIR / "grid" / f"{grid}.yaml").is_file():
             out["grids"][grid] = {"status": f"bench/conf/grid/{grid}.yaml not found"}
             continue
-        seen: set[str] = set()
-        cells: list[dict] = []
-        for job in grids.expand([f"grid={grid}"], True):
-            cfg = grids._plain(grids.compose(job))
-            with_base = cfg.get("with_base", True) and not grids.is_base(cfg)
-            for c in ([grids.base_config(cfg)] if with_base else []) + [cfg]:
-                if grids.not_applicable(c) is None and grids.cell_id(c) not in seen:
-                    seen.add(grids.cell_id(c))
-                    cells.append(c)
+        cells = grids.grid_cells([f"grid={grid}"])
         model = cells[0]["model"]["name"]
         flops = count_unet_flops(model)
         unet, vae = flops["unet_tflop_per_nfe"], flops["vae_decode_tflop"]

@@ -624,7 +624,8 @@ class RewardX0Config(Config):
     each candidate's decoded x0 prediction."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "toy": dict(Config.presets["toy"]),
+        # SPO's toy preset without the fields of the SPM it does not train.
+        "toy": {k: v for k, v in Config.presets["toy"].items() if not k.startswith("spm_")},
     }
 
 

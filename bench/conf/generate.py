@@ -94,6 +94,12 @@ def method_yaml(name: str) -> str:
         out += sections.get(f.name, [])
         comment = docs.get(f.name, "")
         out.append(f"{f.name}: {_scalar(default)}" + (f"   # {comment}" if comment else ""))
+    space = cls.search_space() if hasattr(cls, "search_space") else {}
+    if space:
+        out += ["# The Optuna search space of `python -m bench.sweep method=<this>` (Config.search_space()). To tune other",
+                "# ranges, uncomment this block (it then wins over the dataclass) or pass sweep.space={...}:",
+                "# search_space:"]
+        out += [f"#   {key}: {_scalar(list(spec))}" for key, spec in space.items()]
     return "\n".join(out) + "\n"
 
 
@@ -103,7 +109,7 @@ def tuning_yaml(name: str, preset: str, values: dict[str, Any]) -> str:
     cls = methods.config_class(name)
     docs, _ = _field_docs(cls)
     out = [f"# python -m bench.run method={name} recipe={preset}",
-           f"# GENERATED from {cls.__module__}.Config.presets[{preset!r}] by `python -m bench.conf.generate`.",
+           f"# GENERATED from {cls.__module__}.{cls.__qualname__}.presets[{preset!r}] by `python -m bench.conf.generate`.",
            f"# Merged over method/{name}.yaml when recipe={preset}; command-line overrides still win."]
     if not values:
         out.append("{}")
