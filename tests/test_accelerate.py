@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,16 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 from bench import accel
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------- memory / speed
@@ -192,16 +186,6 @@ def test_gradient_sync_averages_every_backward_across_two_gloo_ranks(tmp_path):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]):
         assert torch.equal(a, b)
-
-
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("toy") / "tiny-toy"
-    ToyPipeline(build_unet((8, 16, 16)), ToyTextEncoder(width=16, out_dim=32), build_scheduler()).save_pretrained(path)
-    return path
 
 
 @pytest.mark.timeout(600)

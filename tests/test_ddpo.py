@@ -6,13 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import RedReward, tiny_policy
 
 import methods
 from methods import ddpo, sampling
 from methods.common import Budget, NullTracker, Task
-from methods.policy import Policy
-from tasks import models as zoo
-from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles", "a yellow square"]
 
@@ -54,25 +52,6 @@ def test_loss_zero_at_identical_log_probs():
 
 
 # ---------------------------------------------------------------------------------------------- tiny policy
-def tiny_policy(*, full_finetune: bool = False, seed: int = 0) -> Policy:
-    """A random-weight toy pipeline (UNet channels (8, 16), ~40k params) wrapped as a Policy."""
-    torch.manual_seed(seed)
-    unet = build_unet((8, 16))
-    encoder = ToyTextEncoder(out_dim=unet.config.block_out_channels[0] * 4)  # = the UNet's time-embedding width
-    pipe = ToyPipeline(unet=unet, text_encoder=encoder, scheduler=build_scheduler())
-    return Policy(pipe, zoo.get("toy-turbo"), lora_rank=2, full_finetune=full_finetune)
-
-
-class RedReward:
-    """A continuous stand-in reward: mean red intensity (random-weight models score 0 on the toy verifier)."""
-
-    name = "red"
-
-    def __call__(self, images, prompts):
-        assert len(prompts) == images.shape[0]
-        return images[:, 0].mean(dim=(1, 2))
-
-
 def small_ddpo(**overrides):
     config = dict(prompts_per_epoch=2, samples_per_prompt=2, prompt_replacement=False, sample_batch_size=4,
                   advantage="group", train_batch_size=2, gradient_accumulation_steps=1, lr=1e-2, num_epochs=None)

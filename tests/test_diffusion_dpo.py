@@ -10,15 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import RedReward, changed, tiny_policy
 
 import methods
 from methods import diffusion_dpo, sampling
 from methods.common import Budget, NullTracker, Task
-from methods.policy import Policy
 from methods.preference_data import OfflineDatasetPairs, draw_timesteps, form_pairs, own_noise
-from tasks import models as zoo
 from tasks.toy import preferences, verify
-from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -127,28 +125,6 @@ def test_raw_pickapic_columns_drop_ties_and_put_the_winner_first(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- tiny policy
-def tiny_policy(seed: int = 0) -> Policy:
-    """A random-weight toy pipeline (UNet channels (8, 16)) wrapped as a LoRA Policy."""
-    torch.manual_seed(seed)
-    unet = build_unet((8, 16))
-    encoder = ToyTextEncoder(out_dim=unet.config.block_out_channels[0] * 4)
-    pipe = ToyPipeline(unet=unet, text_encoder=encoder, scheduler=build_scheduler())
-    return Policy(pipe, zoo.get("toy-turbo"), lora_rank=2)
-
-
-class RedReward:
-    """A continuous stand-in reward (mean red intensity): random-weight models score 0 on the verifiers."""
-
-    def __call__(self, images, prompts):
-        assert len(prompts) == images.shape[0]
-        return images[:, 0].mean(dim=(1, 2))
-
-
-def changed(policy, before) -> bool:
-    after = policy.adapter_state_dict()
-    return any(not torch.equal(before[k], after[k]) for k in before)
-
-
 def test_own_noise_is_the_sampling_noise():
     policy = tiny_policy()
     noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))

@@ -11,17 +11,6 @@ from bench import evaluate as ev
 
 
 @pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    """A random-weight ToyPipeline (~70k params) saved like the shipped weights (model.path stand-in)."""
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("toy") / "tiny-toy"
-    ToyPipeline(build_unet((8, 16, 16)), ToyTextEncoder(width=16, out_dim=32), build_scheduler()).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def policy(tiny_toy):
     from methods.policy import load_policy
 

@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
+from helpers import RedReward, tiny_policy
 
 import methods
 from methods import inference_scaling as its
 from methods import sampling
 from methods.common import Budget, NullTracker, Task
-from methods.policy import Policy
-from tasks import models as zoo
-from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
+from tasks.toy.pipeline import build_scheduler
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles", "a yellow square"]
 
@@ -72,25 +71,6 @@ def test_zo_neighbours_cosine_and_norm_on_a_latent():
 
 
 # ---------------------------------------------------------------------------------------------- the method
-def tiny_policy(seed: int = 0) -> Policy:
-    torch.manual_seed(seed)
-    unet = build_unet((8, 16))
-    encoder = ToyTextEncoder(out_dim=unet.config.block_out_channels[0] * 4)
-    pipe = ToyPipeline(unet=unet, text_encoder=encoder, scheduler=build_scheduler())
-    return Policy(pipe, zoo.get("toy-turbo"), lora_rank=2)
-
-
-class RedReward:
-    name = "red"
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, images, prompts):
-        self.calls += images.shape[0]
-        return images[:, 0].mean(dim=(1, 2))
-
-
 @pytest.fixture(scope="module")
 def policy():
     return tiny_policy()

@@ -15,17 +15,16 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import free_port, started_mlflow_server, tail, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,12 +42,6 @@ BIN = pg_bin()
 pytestmark = pytest.mark.skipif(
     BIN is None, reason="PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in "
                         "/usr/lib/postgresql/*/bin: install them with `apt-get install -y postgresql` (.ci/run does)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -93,7 +86,7 @@ def postgres():
                             options, "-w", "-t", "120", "start"], capture_output=True, text=True, timeout=180)
     pid = None
     try:
-        assert start.returncode == 0, start.stdout + start.stderr + _tail(base / "server.log")
+        assert start.returncode == 0, start.stdout + start.stderr + tail(base / "server.log", 2000)
         pid = int((data / "postmaster.pid").read_text().splitlines()[0])
         yield Cluster(port=port)
     finally:
@@ -110,10 +103,6 @@ def _user_exists(name: str) -> bool:
         return True
     except KeyError:
         return False
-
-
-def _tail(path: Path) -> str:
-    return path.read_text()[-2000:] if path.is_file() else ""
 
 
 def _alive(pid: int) -> bool:
@@ -134,43 +123,6 @@ def _stop_postmaster(pid: int) -> None:
             time.sleep(0.2)
         if not _alive(pid):
             return
-
-
-@contextlib.contextmanager
-def started_mlflow_server(backend_uri: str, artifacts: Path, log: Path):
-    """Start `mlflow server` (not yet waiting for it); yields (process, url). Stopped by its pid at the end."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-           str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield proc, f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)  # the server leads its own process group: its pid
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{_tail(log)}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"mlflow server not healthy after {timeout:.0f} s:\n{_tail(log)}")
-        time.sleep(0.5)
 
 
 OPTUNA_WORKER = textwrap.dedent("""

@@ -7,20 +7,14 @@ import math
 
 import pytest
 import torch
+from helpers import RedReward, changed, t64, tiny_policy
 
 import methods
 from methods import pso, sampling
 from methods.common import Budget, NullTracker, Task
-from methods.policy import Policy
-from tasks import models as zoo
 from tasks.toy import preferences
-from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
 
 PROMPTS = ["a red circle", "two blue squares"]
-
-
-def t64(*values):
-    return torch.tensor(values, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------- online loss
@@ -94,24 +88,6 @@ def test_resolved_defaults_per_mode():
 
 
 # ---------------------------------------------------------------------------------------------- tiny policy
-def tiny_policy(seed: int = 0) -> Policy:
-    torch.manual_seed(seed)
-    unet = build_unet((8, 16))
-    encoder = ToyTextEncoder(out_dim=unet.config.block_out_channels[0] * 4)
-    pipe = ToyPipeline(unet=unet, text_encoder=encoder, scheduler=build_scheduler())
-    return Policy(pipe, zoo.get("toy-turbo"), lora_rank=2)
-
-
-class RedReward:
-    def __call__(self, images, prompts):
-        return images[:, 0].mean(dim=(1, 2))
-
-
-def changed(policy, before) -> bool:
-    after = policy.adapter_state_dict()
-    return any(not torch.equal(before[k], after[k]) for k in before)
-
-
 def test_trained_steps_exclude_the_last():
     policy = tiny_policy()
     traj = sampling.sample(policy, PROMPTS, 3, generator=torch.Generator().manual_seed(0), eta=1.0)

@@ -13,22 +13,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import grid as grids
 from bench import tracking
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("toy") / "tiny-toy"
-    ToyPipeline(build_unet((8, 16, 16)), ToyTextEncoder(width=16, out_dim=32), build_scheduler()).save_pretrained(path)
-    return path
 
 
 def small(toy, uri: str) -> list[str]:

@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from bench import grid as grids
 from bench import run as bench_run
 from bench.validate import ConfigError, check_config, conf_options
 
 CONF = Path(grids.__file__).resolve().parent / "conf"
-
-
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    """A random-weight ToyPipeline saved like the shipped weights (model.path stand-in)."""
-    import torch
-
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("toy") / "tiny-toy"
-    ToyPipeline(build_unet((8, 16, 16)), ToyTextEncoder(width=16, out_dim=32), build_scheduler()).save_pretrained(path)
-    return path
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_unknown_method_fails_fast_in_a_subprocess(tmp_path):
@@ -82,7 +63,7 @@ def test_bad_input_one_message_and_no_run(argv, message, tmp_path, monkeypatch, 
 
 def test_unreachable_tracking_uri(tiny_toy, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    port = _closed_port()
+    port = free_port()
     tic = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         bench_run.main([f"tracking.uri=http://127.0.0.1:{port}", f"model.path={tiny_toy}"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CountingReward, count_forwards, tiny_policy_16px
 
 import methods
 from methods.common import Budget, NullTracker, PerPromptStatTracker, Task
@@ -157,44 +158,8 @@ def test_method_protocol_documented_fields_and_toy_preset():
 # ------------------------------------------------------------------------------------------- smoke training
 
 
-def tiny_policy(guidance_scale=None):
-    """A random-weight toy pipeline (42k-param UNet, 16x16 px) wrapped as a LoRA policy."""
-    from diffusers import UNet2DModel
-
-    from methods.policy import Policy
-    from tasks import models
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                       norm_num_groups=8, class_embed_type="identity")
-    pipe = ToyPipeline(unet=unet, text_encoder=ToyTextEncoder(width=8, out_dim=32), scheduler=build_scheduler())
-    return Policy(pipe, models.get("toy-turbo"), lora_rank=2, guidance_scale=guidance_scale)
-
-
-class CountingReward:
-    """Mean brightness (no ties), counting every image it scores."""
-
-    def __init__(self):
-        self.images = 0
-
-    def __call__(self, images, prompts):
-        assert len(prompts) == len(images)
-        self.images += len(images)
-        return images.float().mean(dim=(1, 2, 3))
-
-
-def count_forwards(policy):
-    """Counts denoiser forward passes per sample (CFG's doubled batch included)."""
-    counter = {"samples": 0}
-    policy.unet.register_forward_hook(lambda module, args, output: counter.__setitem__(
-        "samples", counter["samples"] + args[0].shape[0]))
-    return counter
-
-
 def test_pairs_share_prompt_and_initial_noise():
-    policy = tiny_policy()
+    policy = tiny_policy_16px()
     method = SDPO(Config(num_steps=3))
     budget = Budget(None)
     batch, info = method._sample_pairs(policy, CountingReward(), ["a red circle", "two blue squares"], 3,
@@ -210,7 +175,7 @@ def test_pairs_share_prompt_and_initial_noise():
 def test_pair_loss_at_old_parameters_regresses_onto_the_advantage_gap():
     # At theta = theta_old every recomputed log-prob equals the sampled one (ratio 1), so the loss of a
     # micro-batch is mean(dA^2) with each pair's own advantages at its own step: checks the row bookkeeping.
-    policy = tiny_policy()
+    policy = tiny_policy_16px()
     method = SDPO(Config(num_steps=3))
     gen = torch.Generator().manual_seed(1)
     batches = []
@@ -228,7 +193,7 @@ def test_pair_loss_at_old_parameters_regresses_onto_the_advantage_gap():
 
 @pytest.mark.parametrize("guidance_scale", [None, 2.0])
 def test_smoke_train_changes_adapters_and_counts_exactly(guidance_scale):
-    policy = tiny_policy(guidance_scale)
+    policy = tiny_policy_16px(guidance_scale)
     npp = policy.nfe_per_predict
     assert npp == (2 if guidance_scale else 1)
     T, pairs = 3, 4
@@ -258,7 +223,7 @@ def test_smoke_train_changes_adapters_and_counts_exactly(guidance_scale):
 
 
 def test_budget_smaller_than_an_epoch_is_an_error():
-    policy = tiny_policy()
+    policy = tiny_policy_16px()
     task = Task(prompts=["a red circle"], reward=CountingReward(), train_steps=2, seed=0)
     with pytest.raises(ValueError, match="smaller than one SDPO epoch"):
         SDPO(Config(num_steps=None, pairs_per_epoch=2)).train(policy, task, Budget(max_nfe=10), NullTracker())
@@ -270,7 +235,7 @@ def test_train_last_step_false_never_trains_the_last_transition(monkeypatch):
     step only (T = 1) that step is still trained, as in DDPO."""
     from methods import sampling
 
-    policy = tiny_policy()
+    policy = tiny_policy_16px()
     T, pairs = 3, 4
     trained_steps = []
     original = sampling.transition_log_prob

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import RedReward, tiny_policy
 
 import methods
 from methods import sft
 from methods.common import Budget, NullTracker, Task
-from methods.policy import Policy
 from methods.preference_data import add_noise, denoising_target
-from tasks import models as zoo
-from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
+from tasks.toy.pipeline import build_scheduler
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -41,19 +40,6 @@ def test_v_target_recovers_x0_and_eps():
     v = denoising_target("v_prediction", x0, eps, abar)
     assert torch.allclose(abar.sqrt() * x_t - (1 - abar).sqrt() * v, x0, atol=1e-5)
     assert torch.allclose(scheduler.get_velocity(x0, eps, t), v, atol=1e-6)
-
-
-def tiny_policy(seed: int = 0) -> Policy:
-    torch.manual_seed(seed)
-    unet = build_unet((8, 16))
-    encoder = ToyTextEncoder(out_dim=unet.config.block_out_channels[0] * 4)
-    pipe = ToyPipeline(unet=unet, text_encoder=encoder, scheduler=build_scheduler())
-    return Policy(pipe, zoo.get("toy-turbo"), lora_rank=2)
-
-
-class RedReward:
-    def __call__(self, images, prompts):
-        return images[:, 0].mean(dim=(1, 2))
 
 
 @pytest.mark.parametrize("pairing", ["fresh", "reflow"])

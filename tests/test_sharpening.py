@@ -6,48 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CountingReward, count_forwards, tiny_policy_16px
 
 import methods
 from methods import sampling
 from methods.common import Budget, NullTracker, Task
 from methods.sharpening import Config, Sharpening, add_noise, epsilon_from_output, loss, rlhf_loss, sft_loss
-
-
-def tiny_policy(guidance_scale=None):
-    """A random-weight toy pipeline (42k-param UNet, 16x16 px) wrapped as a LoRA policy."""
-    from diffusers import UNet2DModel
-
-    from methods.policy import Policy
-    from tasks import models
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                       norm_num_groups=8, class_embed_type="identity")
-    pipe = ToyPipeline(unet=unet, text_encoder=ToyTextEncoder(width=8, out_dim=32), scheduler=build_scheduler())
-    return Policy(pipe, models.get("toy-turbo"), lora_rank=2, guidance_scale=guidance_scale)
-
-
-class CountingReward:
-    """Mean brightness (no ties), counting every image it scores."""
-
-    def __init__(self):
-        self.images = 0
-
-    def __call__(self, images, prompts):
-        assert len(prompts) == len(images)
-        self.images += len(images)
-        return images.float().mean(dim=(1, 2, 3))
-
-
-def count_forwards(policy):
-    """Counts denoiser forward passes per sample (CFG's doubled batch included)."""
-    counter = {"samples": 0}
-    policy.unet.register_forward_hook(lambda module, args, output: counter.__setitem__(
-        "samples", counter["samples"] + args[0].shape[0]))
-    return counter
-
 
 # ------------------------------------------------------------------------------------------- pure losses
 
@@ -203,7 +167,7 @@ PROMPTS = ["a red circle", "two blue squares", "three green triangles"]
 
 @pytest.mark.parametrize("variant,reference_on_path", [("rlhf", False), ("rlhf", True), ("sft", False)])
 def test_smoke_train_changes_adapters_and_counts_exactly(variant, reference_on_path):
-    policy = tiny_policy()
+    policy = tiny_policy_16px()
     n, m, N, prompts_per_update = 2, 2, 4, 2
     config = Config(variant=variant, num_samples=n, trajectory_steps=m, num_steps=N, timestep_sampling="grid",
                     reference_on_path=reference_on_path, batch_size=prompts_per_update, lr=1e-2,
@@ -237,7 +201,7 @@ def test_sft_on_dataset_images_generates_nothing_and_denoises_the_dataset_image(
     generated (0 sampling NFEs), and a dataset missing a training prompt is refused before any compute."""
     from tasks.toy import preferences
 
-    policy = tiny_policy()
+    policy = tiny_policy_16px()
     out = tmp_path / "prefs"
     preferences.main([str(out), "--pairs-per-prompt", "2", "--split", "train"])
     prompts = ["a red circle", "two blue squares"]
@@ -260,7 +224,7 @@ def test_sft_on_dataset_images_generates_nothing_and_denoises_the_dataset_image(
 
 
 def test_uniform_sampling_never_overspends():
-    policy = tiny_policy()
+    policy = tiny_policy_16px()
     config = Config(num_samples=2, trajectory_steps=3, num_steps=4, batch_size=1, max_updates=None)
     worst = Sharpening(config).prompt_cost(3, 4, 1)
     budget = Budget(max_nfe=3 * (worst["sample_nfe"] + worst["grad_nfe"]))

@@ -16,22 +16,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import free_port
 
 from bench import grid as grids
 from bench import sweep, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "bench" / "conf"
-
-
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("toy") / "tiny-toy"
-    ToyPipeline(build_unet((8, 16, 16)), ToyTextEncoder(width=16, out_dim=32), build_scheduler()).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +39,6 @@ def small(toy, uri: str, tmp: Path) -> list[str]:
             "eval.n=4", "eval.batch_size=4", "eval.grid_images=0", "eval.steps=[1]", "eval.rewards=[]",
             f"tracking.uri={uri}", "tracking.system_metrics=false", "tracking.save_adapter=false", "progress=false",
             "with_base=false", "sweep.intermediate.n=4", f"sweep.tuned_dir={tmp}/tuned"]
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -93,7 +78,7 @@ def test_bad_input_one_message_before_any_trial(argv, message, tiny_toy, tmp_pat
 
 def test_unreachable_storage_url(tiny_toy, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    port = _closed_port()
+    port = free_port()
     url = f"postgresql://stepbench@127.0.0.1:{port}/optuna"
     assert sweep.main(small(tiny_toy, f"sqlite:///{tmp_path}/mlflow.db", tmp_path) +
                       ["method=ddpo", f"sweep.storage={url}"]) == 2

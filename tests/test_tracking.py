@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
 
 import pandas as pd
 import pytest
-import torch
+from helpers import free_port
 
 from bench import grid as grids
 from bench import tracking
-
-
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("toy") / "tiny-toy"
-    ToyPipeline(build_unet((8, 16, 16)), ToyTextEncoder(width=16, out_dim=32), build_scheduler()).save_pretrained(path)
-    return path
 
 
 def cell_cfg(uri: str, toy, *overrides: str) -> dict:
@@ -156,17 +145,11 @@ def test_failed_block_marks_run_failed_with_error_text(tmp_path):
     assert "Traceback" in text and "reward exploded" in text
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_check_uri(tmp_path):
     tracking.check_uri(f"sqlite:///{tmp_path}/new/dir/mlflow.db")  # creatable
     tic = time.perf_counter()
     with pytest.raises(tracking.TrackingURIError, match="unreachable"):
-        tracking.check_uri(f"http://127.0.0.1:{_closed_port()}", timeout=2.0)
+        tracking.check_uri(f"http://127.0.0.1:{free_port()}", timeout=2.0)
     assert time.perf_counter() - tic < 5
     (tmp_path / "afile").write_text("x")
     with pytest.raises(tracking.TrackingURIError, match="not a directory"):

@@ -6,79 +6,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import started_mlflow_server, wait_healthy
 
 from bench import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM to the server's process group (its pid: it was started as a session leader), SIGKILL after `grace`."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, log: Path, timeout: float = 300.0):
-    """`mlflow server` on 127.0.0.1:<free port> (as `nox -s mlflow-server` starts it); yields its URL."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-           str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    """`mlflow server` on 127.0.0.1:<free port> (as `nox -s mlflow-server` starts it), healthy; yields its URL."""
+    with started_mlflow_server(backend_uri, artifacts, log) as (proc, url):
+        wait_healthy(proc, url, log, timeout)
         yield url
-    finally:
-        stop(proc)
-
-
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    """A random-weight toy pipeline (the shipped toy weights are not needed to test the plumbing)."""
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("toy") / "tiny-toy"
-    ToyPipeline(build_unet((8, 16, 16)), ToyTextEncoder(width=16, out_dim=32), build_scheduler()).save_pretrained(path)
-    return path
 
 
 @pytest.mark.timeout(900)
