@@ -122,7 +122,8 @@ class Config:
         # +0.009, the code's uniform start timestep +0.001. The toy model predicts v, so in epsilon space a path's
         # first step at t = 999 has weight abar = 2.4e-9 (see `denoising_loss`): loss_space="native" (the v-loss,
         # as Diffusion-DPO here) gave +0.019 (2.6 SE) / +0.013 (1.5 SE) on seeds 0 / 1 against +0.017 / 0.000 in
-        # epsilon space; with n = 4 +0.014, at lr 3e-5 -0.006. No setting beat base by 3 SE.
+        # epsilon space; with n = 4 +0.014, at lr 3e-5 -0.006, at lr 5e-6 +0.012, beta 10000 +0.009, two-step paths
+        # +0.007, the code's reference at the start timestep +0.017. No setting beat base by 3 SE.
         "toy": dict(num_steps=None, timestep_sampling="grid", optimizer="adam", lr=1e-5, adam_beta1=0.9,
                     adam_beta2=0.999, max_updates=None, reference_on_path=True, loss_space="native"),
     }
