@@ -19,7 +19,8 @@ takes the same loss in the model's own parameterisation instead: the target is w
 the copy's fixed pair (x0_k, eps_k) at t_m (v = sqrt(abar) eps_k - sqrt(1 - abar) x0_k), identical to the epsilon
 loss on an epsilon model. In epsilon space a v-model's error is weighted by abar_t (eps_hat - eps =
 sqrt(abar) (v_hat - v)), which is 2.4e-9 at t = 999 on the toy world's cosine schedule: the first step of a
-path, the one that decides a few-step sample's layout, then gets no gradient.
+path, the one that decides a few-step sample's layout, then has no loss term of its own and is trained only
+through the chain, by the later steps' losses.
 
 Harness choices (not in the paper, which trains SDXL on image datasets):
 * Task carries prompts, not images. The SFT variant therefore takes its "dataset image" from a sample of

@@ -34,7 +34,7 @@ def test_native_loss_on_a_v_model_is_the_v_error_and_epsilon_weights_it_by_abar(
     x_t = add_noise(scheduler, x0, eps, 499)
     assert denoising_loss(scheduler, out, x_t, 499, x0, eps, "native").item() == pytest.approx(1.84542, abs=1e-4)
     # On the path's first latent, eps_hat - eps = sqrt(abar) (v_hat - v): the epsilon loss is abar x native, so at
-    # t = 999 (abar = 2.4e-9) the first step of a path gets no gradient in epsilon space.
+    # t = 999 (abar = 2.4e-9) a path's first step has no loss term of its own in epsilon space.
     gen = torch.Generator().manual_seed(1)
     x0, eps, out = (torch.randn((2, 3, 4, 4), generator=gen) for _ in range(3))
     for t in (999, 749, 249):
