@@ -183,7 +183,9 @@ def model_input(kernel: str, scheduler, x_t: torch.Tensor, t) -> torch.Tensor:
     return x_t / _broadcast((sigma**2 + 1) ** 0.5, x_t)  # float32, as the Euler schedulers' scale_model_input
 
 
-def _x0_eps(prediction_type: str, out: torch.Tensor, x: torch.Tensor, abar: torch.Tensor):
+def x0_and_eps(prediction_type: str, out: torch.Tensor, x: torch.Tensor, abar: torch.Tensor):
+    """(x0_hat, eps_hat) implied by the denoiser output `out` at x = sqrt(abar) x0 + sqrt(1 - abar) eps, for the
+    scheduler's prediction_type (epsilon, v_prediction or sample). abar: 0-d, (B,) or broadcastable against x."""
     sqrt_a, sqrt_1ma = _broadcast(abar.sqrt(), x), _broadcast((1 - abar).sqrt(), x)
     if prediction_type == "epsilon":
         return (x - sqrt_1ma * out) / sqrt_a, out
@@ -224,7 +226,7 @@ def transition(kernel: str, scheduler, model_output: torch.Tensor, x_t: torch.Te
     a_t = _abar(tables, t, tables.final_alpha_cumprod)
     # LCM's last step returns the clean prediction: treat its final target as abar = 1.
     a_prev = _abar(tables, t_prev, tables.final_alpha_cumprod if kernel == "ddim" else 1.0)
-    x0, eps = _x0_eps(tables.prediction_type, out, x, a_t)
+    x0, eps = x0_and_eps(tables.prediction_type, out, x, a_t)
     if tables.clip_range is not None:
         x0 = x0.clamp(-tables.clip_range, tables.clip_range)
     if kernel == "ddim":

@@ -55,7 +55,8 @@ from methods.common import (
     sample_nfe,
 )
 from methods.common import generator as make_generator
-from methods.preference_data import denoising_target
+from methods.preference_data import add_noise as vp_add_noise
+from methods.preference_data import alphas_cumprod, denoising_target
 
 KERNEL = "ddim"
 """The path and the start images use deterministic DDIM (eta = 0), as the paper. Its latents live in the VP
@@ -213,30 +214,20 @@ def loss(variant: str, model_losses: torch.Tensor, rewards: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------
 
 def _alpha_bar(scheduler, t: int, like: torch.Tensor) -> torch.Tensor:
-    return scheduler.alphas_cumprod[int(t)].to(device=like.device, dtype=torch.float32)
+    """abar_t of one path step t (an int), shaped (1, 1, 1, 1) on like's device."""
+    return alphas_cumprod(scheduler, torch.tensor([int(t)], device=like.device))
 
 
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-    """q(x_t | x0) = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps in the VP parameterisation of the DDIM kernel.
-
-    This deliberately avoids `scheduler.add_noise`: on the Euler schedulers of the turbo models that scales
-    by sigma instead (x0 + sigma eps), which is not the latent the DDIM kernel steps from."""
-    alpha_bar = _alpha_bar(scheduler, t, x0)
-    return alpha_bar.sqrt() * x0.float() + (1 - alpha_bar).sqrt() * noise.float()
+    """q(x_t | x0) at one path step t (an int), in float32: `preference_data.add_noise`, the VP form the DDIM kernel
+    steps from. Not `scheduler.add_noise`: on the turbo models' Euler schedulers that is x0 + sigma eps."""
+    return vp_add_noise(scheduler, x0.float(), noise.float(), torch.tensor([int(t)], device=x0.device))
 
 
 def epsilon_from_output(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
     """The noise prediction eps_hat implied by the model output under the scheduler's `prediction_type`."""
-    kind = scheduler.config.prediction_type
-    alpha_bar = _alpha_bar(scheduler, t, x_t)
-    out, x_t = model_output.float(), x_t.float()
-    if kind == "epsilon":
-        return out
-    if kind == "v_prediction":
-        return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x_t
-    if kind == "sample":
-        return (x_t - alpha_bar.sqrt() * out) / (1 - alpha_bar).sqrt()
-    raise ValueError(f"unsupported prediction_type {kind!r}")
+    return sampling.x0_and_eps(scheduler.config.prediction_type, model_output.float(), x_t.float(),
+                               _alpha_bar(scheduler, t, x_t))[1]
 
 
 def denoising_loss(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: int, x0: torch.Tensor,
@@ -450,7 +441,7 @@ class SFTConfig(Config):
     """"sft" (Algorithm 1: denoising loss on the best path) | "rlhf" (Algorithm 2: DPO-style best vs worst)"""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # The RLHF variant's toy preset without its reference_on_path. Probes of 2026-12-05 (as above): start images
+        # The RLHF variant's toy preset without its reference_on_path and loss_space (see below). Probes of 2026-12-05 (as above): start images
         # sampled from the reference model, lr 1e-5 -0.009; from a toy preference dataset's winners (`dataset`),
         # lr 1e-5 / 5e-5 / 2e-4: +0.018 (1.4 SE) / +0.001 / -0.035; the dataset with n = 6 and batch 4 +0.022 (1.9 SE).
         # Reference samples with n = 6, batch 4: +0.003; one-step paths: -0.030 (-3.1 SE). loss_space="native" (the
