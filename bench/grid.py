@@ -191,8 +191,9 @@ def grid_cells(overrides: list[str], *, applicable_only: bool = True) -> list[di
         for cell in ([base_config(cfg)] if with_base else []) + [cfg]:
             if applicable_only and not_applicable(cell) is not None:
                 continue
-            if cell_id(cell) not in seen:
-                seen.add(cell_id(cell))
+            cid = cell_id(cell)
+            if cid not in seen:
+                seen.add(cid)
                 cells.append(cell)
     return cells
 

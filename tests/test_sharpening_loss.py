@@ -48,3 +48,24 @@ def test_native_loss_on_a_v_model_is_the_v_error_and_epsilon_weights_it_by_abar(
 def test_bad_loss_space_names_the_choices():
     with pytest.raises(ValueError, match="loss_space.*'epsilon'.*'native'.*'nope'"):
         Config(loss_space="nope")
+
+
+def test_prompt_terms_take_the_loss_in_the_configured_space():
+    """The method's path losses follow Config.loss_space: on the first step of a path from t = 999 of the toy
+    v-model, the epsilon loss of each copy is abar_999 x its native loss (same prompt, noise and start images)."""
+    from helpers import CountingReward, tiny_policy_16px
+
+    from methods.common import Budget
+    from methods.sharpening import Sharpening
+
+    losses = {}
+    for space in ("epsilon", "native"):
+        policy = tiny_policy_16px()
+        method = Sharpening(Config(variant="rlhf", loss_space=space, num_steps=4, timestep_sampling="grid"))
+        terms = method._prompt_terms(policy, CountingReward(), "a red circle", 4, [(999, 749)],
+                                     torch.Generator().manual_seed(0), Budget(max_nfe=10**6))
+        losses[space] = terms["model_losses"].detach()
+        assert torch.allclose(terms["ref_losses"], losses[space])  # theta = theta_ref before any update
+    abar = float(policy.scheduler_for("ddim").alphas_cumprod[999])
+    assert torch.allclose(losses["epsilon"], abar * losses["native"], rtol=1e-3)
+    assert (losses["native"] > 1e6 * losses["epsilon"]).all()

@@ -94,7 +94,7 @@ def method_yaml(name: str) -> str:
         out += sections.get(f.name, [])
         comment = docs.get(f.name, "")
         out.append(f"{f.name}: {_scalar(default)}" + (f"   # {comment}" if comment else ""))
-    space = cls.search_space() if hasattr(cls, "search_space") else {}
+    space = cls.search_space()  # every method's Config has one (methods/base.py's protocol)
     if space:
         out += ["# The Optuna search space of `python -m bench.sweep method=<this>` (Config.search_space()). To tune other",
                 "# ranges, uncomment this block (it then wins over the dataclass) or pass sweep.space={...}:",
