@@ -29,16 +29,12 @@ def tiny_policy(seed: int = 0, *, sample_size: int = 32, text_width: int = 32, l
 
     The weights come from torch.manual_seed(seed), so equal arguments give equal weights. The UNet is the toy's
     build_unet((8, 16)) at `sample_size` px; the text encoder's output width is the UNet's time-embedding width."""
-    from diffusers import UNet2DModel
-
     from methods.policy import Policy
     from tasks import models as zoo
-    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler
+    from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
 
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                       norm_num_groups=8, class_embed_type="identity")
+    unet = build_unet((8, 16), sample_size=sample_size)
     encoder = ToyTextEncoder(width=text_width, out_dim=unet.config.block_out_channels[0] * 4)
     pipe = ToyPipeline(unet=unet, text_encoder=encoder, scheduler=build_scheduler())
     return Policy(pipe, zoo.get("toy-turbo"), lora_rank=lora_rank, guidance_scale=guidance_scale,

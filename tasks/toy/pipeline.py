@@ -50,9 +50,9 @@ class ToyTextEncoder(ModelMixin, ConfigMixin):
         return self(self.tokenize(prompts))
 
 
-def build_unet(channels: tuple[int, ...] = (32, 64, 64)) -> UNet2DModel:
+def build_unet(channels: tuple[int, ...] = (32, 64, 64), sample_size: int = SIZE) -> UNet2DModel:
     return UNet2DModel(
-        sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=channels,
+        sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=channels,
         layers_per_block=1, down_block_types=("DownBlock2D",) * len(channels),
         up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=8,
         class_embed_type="identity",
