@@ -3,6 +3,7 @@
     python -m bench.models list
     python -m bench.models build toy-turbo          # retrains toy-base and toy-turbo (seeded)
     python -m bench.models measure toy-turbo -n 1024
+    python -m bench.models checksums toy-turbo      # re-record the sha256 of its weight files in measured.json
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("model")
     m.add_argument("-n", type=int, default=1024)
     m.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    c = sub.add_parser("checksums", help="record the sha256 of a toy model's weight files in its measured.json")
+    c.add_argument("model")
     args = parser.parse_args(argv)
 
     from tasks import models
@@ -54,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"only the toy models are built here; {args.model} loads from {models.get(args.model).source}",
               file=sys.stderr)
         return 2
+    if args.command == "checksums":
+        from tasks.weights import record_checksums
+
+        for rel, digest in record_checksums(models.get(args.model).source).items():
+            print(f"{digest}  {rel}")
+        return 0
     import torch
 
     from tasks.toy import train

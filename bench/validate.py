@@ -191,6 +191,16 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"model {spec.name!r}: its shipped weights are missing ({spec.source} has no "
                           f"model_index.json); regenerate them with `python -m bench.models build {spec.name}` "
                           f"or pass model.path=<save_pretrained folder>")
+    from tasks.models import ModelUnavailableError
+    from tasks.weights import WeightsChecksumError, verify_checksums
+
+    folder = cfg.model.path if cfg.model.path is not None else (None if spec.is_hub else spec.source)
+    if folder is not None:
+        try:  # corrupt tensors behind an intact header load fine and give wrong numbers: check before any run
+            verify_checksums(folder, fix=f"rebuild with `python -m bench.models build {spec.name}` or restore the "
+                                         f"files (git checkout -- {folder})")
+        except (WeightsChecksumError, ModelUnavailableError) as err:
+            raise ConfigError(f"model {spec.name!r}: {err}") from None
 
 
 def _check_device(device: str) -> None:

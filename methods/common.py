@@ -434,13 +434,26 @@ def save_checkpoint(path: str | Path, *, policy, optimizer: torch.optim.Optimize
     return path
 
 
+def _load_tensors_only(path: str | Path) -> dict[str, Any]:
+    """torch.load restricted to tensors and plain containers (weights_only=True): a checkpoint file is data, and a
+    pickle that names any other callable (os.system, ...) is refused instead of run."""
+    import pickle
+
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: refusing to load a checkpoint that is not plain tensors and containers "
+                         f"(torch.load weights_only=True: {first})") from None
+
+
 def load_checkpoint(path: str | Path, *, policy, optimizer: torch.optim.Optimizer | None, config: Any,
                     budget: Budget | None = None,
                     generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
     """Restore a state written by `save_checkpoint` into `policy`, `optimizer`, the RNGs, `generators` and
     `budget`'s counters. Refuses (ValueError) a checkpoint written with a different config, naming the keys
     that differ. Returns {"step": int, "extra": dict}."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
+    state = _load_tensors_only(path)
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {state.get('version')} != {CHECKPOINT_VERSION}")
     current = config_dict(config)

@@ -159,6 +159,14 @@ def load_pipeline(name: str, *, path: str | os.PathLike | None = None, device="c
                 f"model {name!r}: no diffusers pipeline folder at {folder} ({what}; expected model_index.json "
                 f"written by save_pretrained). Pass an existing folder as path=..., or {hint}."
             )
+        from tasks.weights import WeightsChecksumError, verify_checksums
+
+        fix = (f"rebuild them with `python -m bench.models build {spec.name}` or restore them with "
+               f"`git checkout -- {folder}`" if path is None else "restore the folder from where it was written")
+        try:
+            verify_checksums(folder, fix=fix)
+        except WeightsChecksumError as err:
+            raise ModelUnavailableError(f"model {name!r}: {err}") from None
         try:
             pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as err:
@@ -172,7 +180,7 @@ def load_pipeline(name: str, *, path: str | os.PathLike | None = None, device="c
                 f"model {name!r}: could not load weights of hub id {spec.source!r}"
                 f"{' (HF_HUB_OFFLINE is set, so only the local cache is used)' if offline else ''}. "
                 f"Either download them into the Hugging Face cache once with network access "
-                f"(`huggingface-cli download {spec.source}`, after `huggingface-cli login` if the repo asks you "
+                f"(`hf download {spec.source}`, after `hf auth login` if the repo asks you "
                 f"to accept its licence), or pass a local save_pretrained folder as path=... "
                 f"(config: model.path). Cause: {type(err).__name__}: {err}"
             ) from err

@@ -99,7 +99,7 @@ def test_uncached_hub_model_offline_is_a_clear_error():
     with pytest.raises(models.ModelUnavailableError) as info:
         models.load_pipeline("sdxl-turbo")
     message = str(info.value)
-    assert "stabilityai/sdxl-turbo" in message and "huggingface-cli" in message and "path=" in message
+    assert "hf download stabilityai/sdxl-turbo" in message and "path=" in message
 
 
 def test_toy_models_load_from_the_package_or_explain():

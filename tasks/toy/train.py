@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tasks.weights import record_checksums
+
 from . import verify, world
 from .pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
 
@@ -269,4 +271,7 @@ def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None =
                                                        prompts=world.all_prompts("eval", hard=True)),
                                "guidance": 0.0, "n": n_measure}
         (turbo_dir / "measured.json").write_text(json.dumps(report["toy-turbo"], indent=2))
+    for folder in (base_dir, Path(out) / "toy-turbo"):
+        if (folder / "model_index.json").is_file():
+            record_checksums(folder)  # sha256 of each weight file, verified at every load (tasks.weights)
     return report
