@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=DEFAULT_URI, help=f"MLflow tracking URI (default {DEFAULT_URI})")
     parser.add_argument("--experiment", action="append", metavar="NAME",
                         help="grid name ('toy') or experiment ('stepbench/toy'); repeatable; "
-                             "default: every stepbench/* experiment")
+                             "default: every stepbench/* experiment but the sweeps'")
+    parser.add_argument("--sweeps", action="store_true",
+                        help="also report sweep experiments (stepbench/sweep/*, their best trials); default: left out")
     parser.add_argument("--latest", action="store_true",
                         help="of the selected experiments, report only the one with the most recent run")
     parser.add_argument("--out", required=True, help="output directory (index.html, report.pdf)")
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact otherwise
     tic = time.perf_counter()
     try:
-        results = load(args.tracking_uri, args.experiment, latest=args.latest)
+        results = load(args.tracking_uri, args.experiment, latest=args.latest, sweeps=args.sweeps)
     except ReportInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

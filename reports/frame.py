@@ -1,10 +1,16 @@
 """MLflow -> one tidy pandas frame (one row per image score), read through bench.tracking only.
 
 ``load(uri, experiments)`` returns ``Results``:
-- ``scores``: the tidy frame. Columns: experiment, run_id, run_name, cell_id, method, model, train_reward (the
-  reward the cell trained on), train_steps (K), seed (training seed), reward (the reward this image was scored
-  with), S (evaluation step count), prompt_idx, sample_idx, prompt, value. FINISHED runs only.
+- ``scores``: the tidy frame of the **test split** (leaderboards, claims and the README read test only; tuning reads
+  validation, never shown here). Columns: experiment, run_id, run_name, cell_id, method, model, train_reward (the
+  reward the cell trained on), train_steps (K), seed (training seed), split, reward (the reward this image was
+  scored with), S (evaluation step count), prompt_idx, sample_idx, prompt, value. FINISHED runs only.
 - ``runs``: one row per run of every status (costs, error text, provenance tags, params).
+
+Experiments: every ``stepbench/*`` one except the sweeps' (``stepbench/sweep/*``: trials of many configs at one
+grid position), which are read only when named or asked for; of a sweep, only the best trial (tag
+``sweep.best=true``, the tuned config) is a row. ``Results.standin`` is true when runs come from a random-weight
+stand-in (``recipe=standin``, bench/standin.py): every page of such a report says it is not a result.
 
 ``blocks(group, reward, steps)`` turns one (experiment, model, training reward) group into aligned per-row
 arrays for reports.stats: a *row* is (method, K); its Block holds (seeds, pairs, S) scores where a pair is one
@@ -28,7 +34,11 @@ UNTRAINED = (BASE, "inference_scaling")  # methods that train nothing: their K i
 ROW = ("method", "train_steps")  # a leaderboard row
 GROUP = ("experiment", "model", "train_reward")  # one leaderboard
 SCORE_COLUMNS = ["experiment", "run_id", "run_name", "cell_id", "method", "model", "train_reward", "train_steps",
-                 "seed", "reward", "S", "prompt_idx", "sample_idx", "prompt", "value"]
+                 "seed", "split", "reward", "S", "prompt_idx", "sample_idx", "prompt", "value"]
+REPORT_SPLIT = "test"  # the only split a leaderboard, claim or README number is computed from
+SWEEP_PREFIX = tracking.EXPERIMENT_PREFIX + "sweep/"
+STANDIN_RECIPE = "standin"  # bench/standin.py runs every cell with recipe=standin (the run's `recipe` tag)
+STANDIN_NOTE = "random-weight stand-in: not a result"
 
 
 class ReportInputError(Exception):
@@ -42,6 +52,7 @@ class Results:
     runs: pd.DataFrame  # one row per run
     scores: pd.DataFrame  # one row per image score (the tidy frame)
     problems: list[str] = field(default_factory=list)  # non-fatal: listed in the report
+    standin: bool = False  # runs of a random-weight stand-in (bench/standin.py): numbers mean nothing
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -63,13 +74,18 @@ def _check_store(uri: str) -> str:
     return uri
 
 
-def resolve_experiments(uri: str, requested: list[str] | None = None, latest: bool = False) -> list[str]:
-    """Full experiment names: the requested ones ("toy" or "stepbench/toy"), else every stepbench/* experiment."""
+def resolve_experiments(uri: str, requested: list[str] | None = None, latest: bool = False,
+                        sweeps: bool = False) -> list[str]:
+    """Full experiment names: the requested ones ("toy" or "stepbench/toy"), else every stepbench/* experiment
+    except the sweeps' (stepbench/sweep/*) unless ``sweeps``."""
     available = tracking.list_experiments(uri)
     if not available:
         raise ReportInputError(f"no stepbench experiments in {uri}; run a grid first (python -m bench.run)")
     if not requested:
-        names = available
+        names = [n for n in available if sweeps or not n.startswith(SWEEP_PREFIX)]
+        if not names:
+            raise ReportInputError(f"only sweep experiments in {uri} ({', '.join(available)}); name one with "
+                                   f"--experiment or pass --sweeps")
     else:
         names = []
         for name in requested:
@@ -87,19 +103,25 @@ def resolve_experiments(uri: str, requested: list[str] | None = None, latest: bo
 def _runs_table(frame: pd.DataFrame, experiment: str) -> pd.DataFrame:
     frame = frame.copy()
     frame.insert(0, "experiment", experiment)
-    for col, tag in (("error", "tags.error"), ("git_commit", "tags.git_commit"),
+    for col, tag in (("error", "tags.error"), ("git_commit", "tags.git_commit"), ("recipe", "tags.recipe"),
                      ("stepbench_version", "tags.stepbench_version"), ("device", "tags.device")):
-        frame[col] = frame[tag] if tag in frame else None
+        # a run without the tag has None (or NaN after a concat): text columns hold "" then, never a float
+        frame[col] = frame[tag].map(text) if tag in frame else ""
     for col in [c for c in frame.columns if c.startswith("metrics.cost/")]:
         frame[col[len("metrics."):]] = pd.to_numeric(frame[col], errors="coerce")
     return frame
+
+
+def text(value) -> str:
+    """A tag's value as text: "" for a missing tag (None or NaN)."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def tidy(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     """Join per-image scores with their run's cell tags (the run's tags are authoritative for the cell)."""
     cell = runs[["run_id", "experiment", "run_name", "cell_id", "method", "model", "reward", "train_steps", "seed"]]
     cell = cell.rename(columns={"reward": "train_reward"})
-    scores = scores[["run_id", "prompt", "prompt_idx", "sample_idx", "S", "reward", "value"]]
+    scores = scores[["run_id", "split", "prompt", "prompt_idx", "sample_idx", "S", "reward", "value"]]
     frame = scores.merge(cell, on="run_id", how="inner", validate="many_to_one")
     for col in ("S", "prompt_idx", "sample_idx", "train_steps", "seed"):
         frame[col] = pd.to_numeric(frame[col]).astype("int64")
@@ -107,14 +129,45 @@ def tidy(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     return frame[SCORE_COLUMNS].reset_index(drop=True)
 
 
-def load(uri: str | None = None, experiments: list[str] | None = None, *, latest: bool = False) -> Results:
-    """Everything the report shows, read through bench.tracking."""
+def _sweep_best(runs: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
+    """Of a sweep experiment's runs, the best trials (tag sweep.best=true: the tuned config); the rest are trials."""
+    sweep = runs["experiment"].str.startswith(SWEEP_PREFIX)
+    if not sweep.any():
+        return runs
+    best = runs.get("tags.sweep.best", pd.Series("", index=runs.index)).map(text) == "true"
+    dropped = sweep & ~best
+    for experiment, n in runs.loc[dropped, "experiment"].value_counts().items():
+        problems.append(f"{experiment}: {n} sweep trial run(s) left out; a sweep is reported by its best trial "
+                        f"(the tuned config, tag sweep.best=true)")
+    return runs[~dropped]
+
+
+def test_split(pieces: list[pd.DataFrame], problems: list[str]) -> pd.DataFrame:
+    """Only the test split's scores of each run. A run scored before the split protocol has no `split` column: its
+    rows are read as the evaluation split they were, with a note (those prompts and noises were also tuned on)."""
+    legacy = [p for p in pieces if "split" not in p]
+    if legacy:
+        problems.append(f"{len(legacy)} run(s) were scored before the train/val/test protocol (no split in "
+                        f"eval/scores.parquet): their evaluation prompts and noise were also used for tuning, so "
+                        f"their numbers are not held-out test numbers")
+    scores = pd.concat([p if "split" in p else p.assign(split=REPORT_SPLIT) for p in pieces], ignore_index=True)
+    split = scores["split"].astype(str)
+    if len(scores) and not (split == REPORT_SPLIT).any():
+        problems.append(f"no {REPORT_SPLIT}-split scores (splits present: {', '.join(sorted(split.unique()))}); "
+                        f"the report reads the {REPORT_SPLIT} split only")
+    return scores[split == REPORT_SPLIT]
+
+
+def load(uri: str | None = None, experiments: list[str] | None = None, *, latest: bool = False,
+         sweeps: bool = False) -> Results:
+    """Everything the report shows, read through bench.tracking: test-split scores of FINISHED runs."""
     uri = _check_store(uri or tracking.DEFAULT_URI)
-    names = resolve_experiments(uri, experiments, latest)
+    names = resolve_experiments(uri, experiments, latest, sweeps)
     runs = pd.concat([_runs_table(tracking.load_runs(uri, n), n) for n in names], ignore_index=True)
     if runs.empty:
         raise ReportInputError(f"experiment(s) {', '.join(names)} in {uri} have no runs")
     problems: list[str] = []
+    runs = _sweep_best(runs, problems)
     untagged = runs[["method", "model", "reward"]].isna().any(axis=1)
     if untagged.any():
         problems.append(f"{int(untagged.sum())} run(s) without the method/model/reward tags of a stepbench cell "
@@ -138,9 +191,9 @@ def load(uri: str | None = None, experiments: list[str] | None = None, *, latest
             pieces.append(tracking.load_scores(uri, [run.run_id]))
         except Exception as err:  # a missing artifact must not hide every other run
             problems.append(f"{run.run_name}: per-image scores unreadable ({type(err).__name__}: {err})")
-    scores = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=SCORE_COLUMNS)
+    scores = test_split(pieces, problems) if pieces else pd.DataFrame(columns=SCORE_COLUMNS)
     frame = tidy(runs, scores) if len(scores) else pd.DataFrame(columns=SCORE_COLUMNS)
-    return Results(uri, names, runs, frame, problems)
+    return Results(uri, names, runs, frame, problems, standin=bool((runs["recipe"] == STANDIN_RECIPE).any()))
 
 
 @functools.cache

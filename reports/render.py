@@ -19,7 +19,18 @@ import numpy as np
 import pandas as pd
 
 from reports import plots, stats
-from reports.frame import BASE, GROUP, UNTRAINED, Results, artifact, blocks, row_frame
+from reports.frame import (
+    BASE,
+    GROUP,
+    REPORT_SPLIT,
+    STANDIN_NOTE,
+    UNTRAINED,
+    Results,
+    artifact,
+    blocks,
+    row_frame,
+    text,
+)
 
 TEMPLATES = Path(__file__).parent / "templates"
 METHOD_LABELS = {
@@ -30,7 +41,7 @@ METHOD_LABELS = {
 }
 SHORT_LABELS = {"base": "base", "sft": "SFT", "inference_scaling": "Inference scaling"}  # image-grid rows
 METHOD_ORDER = list(METHOD_LABELS)
-FEW_UNITS = 5  # below this many seeds/prompts a bootstrap CI is flagged as too narrow
+LEVEL_PCT = int(round(100 * stats.LEVEL))
 
 
 def label(method: str, short: bool = False) -> str:
@@ -89,7 +100,7 @@ def num(x: float, d: int, sign: bool = False) -> str:
 
 def ci_text(e: stats.Estimate, d: int, sign: bool = False) -> str:
     if not math.isfinite(e.lo):
-        return "no CI (n < 2)"
+        return "no interval"
     return f"[{num(e.lo, d, sign)}, {num(e.hi, d, sign)}]"
 
 
@@ -115,15 +126,28 @@ class RewardTables:
     leaderboard: Table
     gains: Table
     estimates: dict  # row -> {"S": {s: Estimate}, "mean": Estimate, ...}
+    gain_estimates: dict  # row -> {"S": {s: Estimate}, "mean": Estimate, "verdict": {s | "mean": (verdict, p_holm)}}
+    paired: dict  # row -> stats.PairedResampled against base (for further paired statistics)
+
+
+VERDICT_MARK = {stats.BETTER: "better", stats.WORSE: "worse", stats.INCONCLUSIVE: ""}
+
+
+def gain_cell(e: stats.Estimate, d: int, call: tuple[str, float] | None = None) -> Cell:
+    """A paired difference with its interval; green/red when the (Holm-corrected) verdict is better/worse."""
+    verdict_, p = call if call is not None else (stats.INCONCLUSIVE, math.nan)
+    sub = ci_text(e, d, True) + (f" · {verdict_}" if verdict_ != stats.INCONCLUSIVE else "")
+    return Cell(num(e.value, d, True), sub, tone={stats.BETTER: "pos", stats.WORSE: "neg"}.get(verdict_, ""))
 
 
 def reward_tables(rows: pd.DataFrame, reward: str, steps: tuple[int, ...], *, n_boot: int, seed: int,
                   trained_on: bool) -> RewardTables:
-    """Leaderboard (mean [95% CI] per S, mean over S, worst S, step gap, win rate) and paired gains over base."""
+    """Leaderboard (mean [95% CI] per S, mean over S, worst S, step gap, win rate) and paired gains over base with
+    better / worse / inconclusive verdicts, Holm-corrected over every cell of the gains table."""
     bl = blocks(rows, reward, steps)
     keys = sorted(bl, key=row_order)
     base_key = next((k for k in keys if k[0] == BASE), None)
-    est, gain, wins = {}, {}, {}
+    est, gain, wins, paired = {}, {}, {}, {}
     for key in keys:
         r = stats.resample(bl[key], n_boot=n_boot, seed=seed)
         e = {"S": {s: r.estimate(stats.at_step(steps, s)) for s in steps},
@@ -133,10 +157,15 @@ def reward_tables(rows: pd.DataFrame, reward: str, steps: tuple[int, ...], *, n_
         e["gap"] = r.estimate(stats.step_gap(steps, k)) if k in steps and len(steps) > 1 else None
         est[key] = e
         if base_key is not None and key != base_key:
-            p = stats.resample_paired(bl[key], bl[base_key], n_boot=n_boot, seed=seed)
+            p = paired[key] = stats.resample_paired(bl[key], bl[base_key], n_boot=n_boot, seed=seed)
             gain[key] = {"S": {s: p.estimate(stats.at_step(steps, s)) for s in steps},
                          "mean": p.estimate(stats.mean_over_steps(steps))}
             wins[key] = stats.win_rate(bl[key], bl[base_key])
+    # "beats base" verdicts: one Holm family per column (one S, or the mean over S) over the rows of this table
+    for col in (*steps, "mean"):
+        column = [gain[k]["S"][col] if col != "mean" else gain[k]["mean"] for k in gain]
+        for key, call in zip(gain, stats.verdicts(column)):
+            gain[key].setdefault("verdict", {})[col] = call
 
     d = decimals([e["mean"].value for e in est.values()] + [e["S"][s].value for e in est.values() for s in steps])
     best = {s: best_of([e["S"][s].value for e in est.values()]) for s in steps}
@@ -151,10 +180,9 @@ def reward_tables(rows: pd.DataFrame, reward: str, steps: tuple[int, ...], *, n_
     lb_rows = []
     for key in keys:
         e, (method, k) = est[key], key
-        unit = e["mean"]
-        few = unit.n < FEW_UNITS  # a percentile bootstrap over 2-4 values cannot show the real spread
+        one_seed = k >= 0 and e["mean"].n < 2  # a trained row from one seed: its seed variance is not covered
         row = [Cell(label(method)), Cell("—" if k < 0 else str(k)),
-               Cell(f"{unit.n} {unit.unit}", "CI too narrow" if few else "")]
+               Cell(e["mean"].unit, "1 seed: seed variance not covered" if one_seed else "")]
         row += [value_cell(e["S"][s], best[s], shade=(s == k)) for s in steps]
         row.append(value_cell(e["mean"], best_mean))
         worst = value_cell(e["worst"], best_worst)
@@ -168,10 +196,11 @@ def reward_tables(rows: pd.DataFrame, reward: str, steps: tuple[int, ...], *, n_
         lb_rows.append(row)
     role = "training reward" if trained_on else "held-out reward, not trained on"
     leaderboard = Table(
-        ["Method", "K", "CI over"] + [f"S={s} ↑" for s in steps]
+        ["Method", "K", "interval over"] + [f"S={s} ↑" for s in steps]
         + ["mean over S ↑", "worst S ↑", "step gap →0", "win rate vs base ↑"], lb_rows,
-        caption=f"{reward} ({role}): mean per image [95% bootstrap CI]. Higher is better. Bold: best in column "
-                f"(step gap: smallest |gap|). Shaded: S = the row's training step count K.", numeric_from=3)
+        caption=f"{reward} ({role}), test split: mean per image [{LEVEL_PCT}% interval over training seeds, "
+                f"prompts and noises]. Higher is better. Bold: best in column (step gap: smallest |gap|). "
+                f"Shaded: S = the row's training step count K.", numeric_from=3)
 
     g_rows = []
     for key in keys:
@@ -179,17 +208,52 @@ def reward_tables(rows: pd.DataFrame, reward: str, steps: tuple[int, ...], *, n_
             continue
         g = gain[key]
         cells = [Cell(label(key[0])), Cell("—" if key[1] < 0 else str(key[1]))]
-        for est_ in [g["S"][s] for s in steps] + [g["mean"]]:
-            tone = "pos" if est_.lo > 0 else "neg" if est_.hi < 0 else ""
-            cells.append(Cell(num(est_.value, d, True), ci_text(est_, d, True), tone=tone))
+        cells += [gain_cell(g["S"][s], d, g["verdict"][s]) for s in steps] + [gain_cell(g["mean"], d, g["verdict"]["mean"])]
         for s, c in zip(steps, cells[2:]):
             c.shade = s == key[1]
-        cells.append(Cell(f"{g['mean'].n} {g['mean'].unit}"))
+        cells.append(Cell(g["mean"].unit))
         g_rows.append(cells)
-    gains = Table(["Method", "K"] + [f"Δ S={s}" for s in steps] + ["Δ mean over S", "CI over"], g_rows,
-                  caption=f"{reward}: gain over the base model on the same (prompt, initial noise) pairs, "
-                          f"[95% paired bootstrap CI]. Green/red: CI excludes zero.", numeric_from=2)
-    return RewardTables(reward, leaderboard, gains, est)
+    gains = Table(["Method", "K"] + [f"Δ S={s}" for s in steps] + ["Δ mean over S", "interval over"], g_rows,
+                  caption=f"{reward}, test split: gain over the base model on the same (prompt, initial noise) pairs "
+                          f"[{LEVEL_PCT}% interval]. Verdict better / worse (green / red) when the Holm-adjusted "
+                          f"p-value is below {stats.ALPHA:.2f}; each column is one family over its {len(gain)} rows, "
+                          f"so a cell whose interval excludes 0 can still be inconclusive.", numeric_from=2)
+    return RewardTables(reward, leaderboard, gains, est, gain, paired)
+
+
+def step_generalization(main: RewardTables, steps: tuple[int, ...]) -> list[dict]:
+    """Per training step count K: each trained row's gain over base at S = K against its gains at S != K, and
+    (mean gain over S != K) - (gain at S = K) with its interval; verdicts Holm-corrected over that column of every
+    K of the group (0: the gain carries over to untrained step counts; worse: it shrinks away from K)."""
+    by_k: dict[int, list] = {}
+    for key in sorted(main.paired, key=row_order):
+        if key[1] in steps and len(steps) > 1:
+            by_k.setdefault(key[1], []).append(key)
+    diffs = {key: main.paired[key].estimate(stats.off_k_minus_at_k(steps, key[1])) for keys in by_k.values()
+             for key in keys}
+    calls = dict(zip(diffs, stats.verdicts(list(diffs.values()))))
+    d = decimals([e.value for g in main.gain_estimates.values() for e in g["S"].values()])
+    out = []
+    for k, keys in sorted(by_k.items()):
+        off = [s for s in steps if s != k]
+        rows = []
+        for key in keys:
+            g = main.gain_estimates[key]
+            at_k = g["S"][k]
+            mean_off = main.paired[key].estimate(stats.mean_over_steps(steps, off))
+            rows.append([Cell(label(key[0])), gain_cell(at_k, d, g["verdict"][k])]
+                        + [gain_cell(g["S"][s], d, g["verdict"][s]) for s in off]
+                        + [gain_cell(mean_off, d), gain_cell(diffs[key], d, calls[key]), Cell(diffs[key].unit)])
+            rows[-1][1].shade = True
+        out.append(dict(k=k, table=Table(
+            ["Method", f"Δ S={k} (=K)"] + [f"Δ S={s}" for s in off] + ["Δ mean S≠K", "Δ(S≠K) − Δ(S=K)", "interval over"],
+            rows, caption=f"Trained at K = {k}: gain over base at the training step count (shaded) and at the step "
+                          f"counts it was not trained at, test split, [{LEVEL_PCT}% interval]. Last column: mean "
+                          f"gain over S ≠ K minus the gain at S = K (0: the gain carries over); its verdicts are "
+                          f"Holm-corrected over that column for every K of this model and reward "
+                          f"({len(diffs)} comparisons); the per-S verdicts are those of the gains table.",
+            numeric_from=1)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- cost, NFEs
@@ -222,8 +286,12 @@ def train_nfe(runs: pd.DataFrame) -> float:
 
 
 def inference_nfe_per_image(runs: pd.DataFrame, reward: str, s: int) -> tuple[float, bool]:
-    """NFEs per evaluation image at S from ``cost/eval_nfe/s<S>`` and ``eval/<reward>/s<S>/n``; else S (assumed)."""
-    total, n = metric_mean(runs, f"cost/eval_nfe/s{s}"), metric_mean(runs, f"eval/{reward}/s{s}/n")
+    """NFEs per evaluation image at S from ``cost/eval_nfe/s<S>`` and the images it counted (every split's
+    ``eval/<split>/<reward>/s<S>/n``; ``eval/<reward>/s<S>/n`` in stores from before the splits); else S (assumed)."""
+    total = metric_mean(runs, f"cost/eval_nfe/s{s}")
+    per_split = [c for c in runs.columns if re.fullmatch(rf"metrics\.eval/[^/]+/{re.escape(reward)}/s{s}/n", c)]
+    n = (sum(metric_mean(runs, c[len("metrics."):]) for c in per_split) if per_split
+         else metric_mean(runs, f"eval/{reward}/s{s}/n"))
     if math.isfinite(total) and math.isfinite(n) and n > 0:
         return total / n, True
     return float(s), False
@@ -252,90 +320,88 @@ def cost_table(run_sets: dict, keys: list) -> Table:
 
 # ----------------------------------------------------------------------------------------------- image grid
 
-GRID_COLUMNS, GRID_TEXT_H, GRID_HEADS = 8, 26, (0, 16)  # the layout bench.evaluate.save_grid draws
 TILE_PX = 128  # tiles larger than this are downscaled in the report
+ATTRIBUTES = (("colour", "toy-color"), ("shape", "toy-shape"), ("count", "toy-count"))  # the toy verifier's checks
 
 
-def tile_boxes(width: int, height: int, k: int) -> list[tuple[int, int, int, int]] | None:
-    """Boxes (x, y, w, h) of the k square sample tiles in an eval grid PNG, or None if the layout is unknown.
+def sample_arrays(uri: str, run_id: str, s: int) -> dict[int, np.ndarray]:
+    """sample_idx -> image (H, W, 3) uint8 from a run's ``eval/test/samples_s<S>.npz`` (bench.evaluate logs the
+    first k samples of each split and S with their prompt and noise ids); {} when the run has none."""
+    path = artifact(uri, run_id, f"eval/{REPORT_SPLIT}/samples_s{s}.npz")
+    if path is None:
+        return {}
+    with np.load(path, allow_pickle=False) as npz:
+        return {int(j): img for j, img in zip(npz["sample_idx"], npz["images"])}
 
-    The grid has min(8, k) columns of width max(w, 96), a 26 px caption under each tile, and an optional 16 px
-    title; the sample is centred in its column."""
-    if k <= 0:
-        return None
-    columns = min(GRID_COLUMNS, k)
-    rows = -(-k // columns)
-    if width % columns:
-        return None
-    tile_w = width // columns
-    for head in GRID_HEADS:
-        if (height - head) % rows:
-            continue
-        side = (height - head) // rows - GRID_TEXT_H
-        if side > 0 and tile_w == max(side, 96):
-            return [((i % columns) * tile_w + (tile_w - side) // 2, head + (i // columns) * (side + GRID_TEXT_H),
-                     side, side) for i in range(k)]
-    return None
+
+def tile_uri(image: np.ndarray) -> str:
+    from PIL import Image
+
+    tile = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    tile.thumbnail((TILE_PX, TILE_PX), Image.Resampling.LANCZOS)  # large models: keep the report small
+    buf = io.BytesIO()
+    tile.save(buf, format="PNG")
+    return png_uri(buf.getvalue())
+
+
+def failed_attributes(scores: dict[str, float]) -> list[str]:
+    """The toy verifier's checks an image failed, from its per-image attribute scores (colour from toy-mean3 when
+    toy-color itself was not scored: mean3 = (colour + shape + count) / 3)."""
+    got = {name: scores.get(reward) for name, reward in ATTRIBUTES}
+    if got["colour"] is None and None not in (scores.get("toy-mean3"), got["shape"], got["count"]):
+        got["colour"] = round(3 * scores["toy-mean3"] - got["shape"] - got["count"], 6)
+    return [name for name, v in got.items() if v is not None and v < 1]
 
 
 def image_grid(results: Results, rows: pd.DataFrame, keys: list, steps: tuple[int, ...], reward: str,
                n_samples: int) -> dict:
-    """Tiles of fixed (prompt, initial noise) samples: one table per sample, rows = methods, columns = S.
-
-    Tiles are cropped from each row's ``eval/grid_s<S>.png`` (its lowest training seed); the score under a tile
-    is that image's value in the tidy frame."""
-    from PIL import Image
-
-    scored = rows[rows["reward"] == reward]
-    sample_ids = sorted(scored["sample_idx"].unique())[:n_samples]
-    params = results.runs.set_index("run_id")
-    crops: dict = {}
-    missing = []
+    """The samples on which the rows disagree most: one table per sample (the same prompt and initial noise in every
+    tile), rows = methods (their lowest training seed), columns = S; under each tile its score and, on the toy
+    world, which attribute checks it failed. Images come from the logged arrays (``sample_arrays``)."""
+    chosen = {}  # row -> (run_id, seed)
     for key in keys:
-        part = scored[(scored["method"] == key[0]) & (scored["train_steps"] == key[1])]
-        if part.empty:
-            continue
-        seed = int(part["seed"].min())
-        run_id = part.loc[part["seed"] == seed, "run_id"].iloc[0]
-        try:  # the grid shows the first min(eval.grid_images, eval.n) samples
-            k = min(int(params.at[run_id, "params.eval.grid_images"]), int(params.at[run_id, "params.eval.n"]))
-        except (KeyError, ValueError, TypeError):
-            k = None
+        part = rows[(rows["method"] == key[0]) & (rows["train_steps"] == key[1])]
+        if len(part):
+            seed = int(part["seed"].min())
+            chosen[key] = (part.loc[part["seed"] == seed, "run_id"].iloc[0], seed)
+    images, missing = {}, []
+    for key, (run_id, _) in chosen.items():
         for s in steps:
-            path = artifact(results.uri, run_id, f"eval/grid_s{s}.png")
-            if path is None:
-                missing.append(f"{label(key[0])} S={s}: no eval/grid_s{s}.png")
-                continue
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                boxes = tile_boxes(img.width, img.height, k if k is not None else len(sample_ids))
-                if boxes is None:
-                    missing.append(f"{label(key[0])} S={s}: grid layout not recognised ({img.width}x{img.height})")
-                    continue
-                for j in sample_ids:
-                    if j < len(boxes):
-                        x, y, w, h = boxes[j]
-                        tile = img.crop((x, y, x + w, y + h))
-                        tile.thumbnail((TILE_PX, TILE_PX), Image.Resampling.LANCZOS)  # large models: keep it small
-                        buf = io.BytesIO()
-                        tile.save(buf, format="PNG")
-                        crops[(key, s, j)] = (png_uri(buf.getvalue()), seed)
-    value = scored.groupby(["method", "train_steps", "seed", "S", "sample_idx"])["value"].first()
-    d = decimals(scored["value"].tolist())
+            arrays = sample_arrays(results.uri, run_id, s)
+            if not arrays:
+                missing.append(f"{row_name(key, short=True)} S={s}: no eval/{REPORT_SPLIT}/samples_s{s}.npz")
+            images.update({(key, s, j): img for j, img in arrays.items()})
+    run_ids = [r for r, _ in chosen.values()]
+    mine = rows[rows["run_id"].isin(run_ids)]
+    per_image = mine.pivot_table(index=["run_id", "S", "sample_idx"], columns="reward", values="value", aggfunc="first")
+    shown = sorted({j for (_, _, j) in images})
+    if reward in per_image and shown:
+        # disagreement of a sample: the spread of the rows' scores, averaged over S
+        table = per_image[reward].unstack("run_id")  # (S, sample_idx) x run
+        spread = (table.max(axis=1) - table.min(axis=1)).groupby(level="sample_idx").mean()
+        spread = spread.reindex(shown).fillna(-1.0)
+        shown = sorted(shown, key=lambda j: (-spread[j], j))
+    shown = shown[:n_samples]
+    d = decimals(mine.loc[mine["reward"] == reward, "value"].tolist())
+    prompts = mine.drop_duplicates("sample_idx").set_index("sample_idx")
     samples = []
-    for j in sample_ids:
+    for j in shown:
         table = []
-        for key in keys:
+        for key, (run_id, _) in chosen.items():
             tiles = []
             for s in steps:
-                uri, seed = crops.get((key, s, j), (None, None))
-                score = value.get((key[0], key[1], seed, s, j)) if seed is not None else None
-                tiles.append({"uri": uri, "score": "" if score is None else num(score, d), "shade": s == key[1]})
+                img = images.get((key, s, j))
+                scores = per_image.loc[(run_id, s, j)].dropna().to_dict() if (run_id, s, j) in per_image.index else {}
+                score = scores.get(reward)
+                fails = failed_attributes(scores)
+                tiles.append({"uri": tile_uri(img) if img is not None else None,
+                              "score": "" if score is None else num(score, d), "fails": ", ".join(fails),
+                              "shade": s == key[1]})
             table.append({"label": row_name(key, short=True), "tiles": tiles})
-        first = scored[scored["sample_idx"] == j].iloc[0]
-        samples.append({"sample_idx": int(j), "prompt_idx": int(first["prompt_idx"]), "prompt": first["prompt"],
-                        "rows": table})
-    return {"samples": samples, "steps": steps, "reward": reward, "missing": missing, "any": bool(crops)}
+        first = prompts.loc[j] if j in prompts.index else None
+        samples.append({"sample_idx": int(j), "prompt_idx": int(first["prompt_idx"]) if first is not None else -1,
+                        "prompt": first["prompt"] if first is not None else "", "rows": table})
+    return {"samples": samples, "steps": steps, "reward": reward, "missing": missing, "any": bool(images)}
 
 
 # ----------------------------------------------------------------------------------------------- claims
@@ -364,30 +430,22 @@ CLAIMS = (
 COMPUTE_TOLERANCE = 0.10  # budgets within 10 % count as equal
 
 
-def verdict(e: stats.Estimate, nfe_a: float = float("nan"), nfe_b: float = float("nan"),
-            compute: str | None = None, a: str = "A", b: str = "B") -> tuple[str, str]:
-    """(verdict, reason). A claim "A beats B" is supported when the paired CI of A - B lies above 0 and A used
-    no more compute than B (within 10 %); not supported when it lies below 0 and A used no less; else
-    inconclusive (CI includes 0 at this n, or compute not matched in the direction that would decide it)."""
-    if not math.isfinite(e.lo):
-        return "inconclusive at this n", "no confidence interval (fewer than 2 prompts)"
-    if compute is None:
-        if e.lo > 0:
-            return "supported", "paired CI above 0"
-        if e.hi < 0:
-            return "not supported", f"paired CI below 0 ({b} is better)"
-        return "inconclusive at this n", "paired CI includes 0"
-    if not (math.isfinite(nfe_a) and math.isfinite(nfe_b)):
-        return "inconclusive at this n", "compute (NFEs) not recorded"
-    no_more = nfe_a <= nfe_b * (1 + COMPUTE_TOLERANCE)
-    no_less = nfe_a >= nfe_b * (1 - COMPUTE_TOLERANCE)
-    if e.lo > 0:
-        return ("supported", "paired CI above 0 at no more compute") if no_more else \
-            ("inconclusive", f"{a} is better but used more NFEs than {b}")
-    if e.hi < 0:
-        return ("not supported", "paired CI below 0 at no less compute") if no_less else \
-            ("inconclusive", f"{a} is worse but used fewer NFEs than {b}")
-    return "inconclusive at this n", "paired CI includes 0"
+def claim_verdict(call: str, nfe_a: float = float("nan"), nfe_b: float = float("nan"), compute: str | None = None,
+                  a: str = "A", b: str = "B") -> tuple[str, str]:
+    """(verdict, reason) of a claim "A beats B" from its Holm-corrected call (better / worse / inconclusive).
+    Where compute matters, better needs A to have used no more NFEs than B (within 10 %) and worse no fewer;
+    otherwise the comparison is inconclusive (the compute difference could explain it)."""
+    if call == stats.INCONCLUSIVE:
+        return stats.INCONCLUSIVE, "not significant after Holm correction"
+    if compute is not None:
+        if not (math.isfinite(nfe_a) and math.isfinite(nfe_b)):
+            return stats.INCONCLUSIVE, "compute (NFEs) not recorded"
+        if call == stats.BETTER and nfe_a > nfe_b * (1 + COMPUTE_TOLERANCE):
+            return stats.INCONCLUSIVE, f"{a} is better but used more NFEs than {b}"
+        if call == stats.WORSE and nfe_a < nfe_b * (1 - COMPUTE_TOLERANCE):
+            return stats.INCONCLUSIVE, f"{a} is worse but used fewer NFEs than {b}"
+        return call, f"{a} {call} than {b} at {'no more' if call == stats.BETTER else 'no less'} compute"
+    return call, f"{a} {call} than {b}"
 
 
 def claim_steps(claim: Claim, steps: tuple[int, ...], ka: int, kb: int) -> tuple[int, ...]:
@@ -400,7 +458,8 @@ def claim_steps(claim: Claim, steps: tuple[int, ...], ka: int, kb: int) -> tuple
 
 def evaluate_claims(title: str, bl: dict, run_sets: dict, reward: str, steps: tuple[int, ...], *,
                     n_boot: int, seed: int, failed: dict[str, int] | None = None) -> list[dict]:
-    """One row per claim and compared (A, B) pair of rows in this group; ``failed`` counts failed cells per method."""
+    """One row per claim and compared (A, B) pair of rows in this group; ``failed`` counts failed cells per method.
+    Rows that were compared carry their Estimate under "estimate"; ``decide_claims`` gives the verdicts."""
     failed = failed or {}
     out = []
     keys = sorted(bl, key=row_order)
@@ -408,7 +467,7 @@ def evaluate_claims(title: str, bl: dict, run_sets: dict, reward: str, steps: tu
     for claim in CLAIMS:
         rows_a = [k for k in keys if (k[0] not in UNTRAINED if claim.a == "*" else k[0] == claim.a)]
         rows_b = [k for k in keys if k[0] == claim.b]
-        base = dict(group=title, source=claim.source, claim=claim.text)
+        base = dict(group=title, source=claim.source, claim=claim.text, estimate=None)
         absent = [m for m, r in ((claim.a, rows_a), (claim.b, rows_b)) if not r]
         if absent:
             why = ["no trained method finished" if m == "*" else
@@ -425,7 +484,7 @@ def evaluate_claims(title: str, bl: dict, run_sets: dict, reward: str, steps: tu
             where = f"{reward}, S ∈ {{{', '.join(map(str, sel))}}}" if sel else reward
             row = base | dict(comparison=f"{name} on {where}")
             if not sel:
-                out.append(row | dict(delta="", delta_ci="", compute="", verdict="inconclusive",
+                out.append(row | dict(delta="", delta_ci="", compute="", verdict=stats.INCONCLUSIVE,
                                       reason="no evaluated step count outside both training step counts"))
                 continue
             e = stats.paired_diff_ci(bl[ka], bl[kb], stats.mean_over_steps(steps, sel), n_boot=n_boot, seed=seed)
@@ -438,7 +497,7 @@ def evaluate_claims(title: str, bl: dict, run_sets: dict, reward: str, steps: tu
                     nfe_a += metric_mean(ra, "cost/eval_nfe")
                     nfe_b += metric_mean(rb, "cost/eval_nfe")
                 compute_text = f"{si(nfe_a)} vs {si(nfe_b)} {claim.compute} NFEs"
-            v, reason = verdict(e, nfe_a, nfe_b, claim.compute, a=row_name(ka), b=row_name(kb))
+            note = ""
             if claim.a == "pso" and BASE in {k[0] for k in keys}:
                 base_key = next(k for k in keys if k[0] == BASE)
                 parts = []
@@ -446,10 +505,21 @@ def evaluate_claims(title: str, bl: dict, run_sets: dict, reward: str, steps: tu
                     g = stats.paired_diff_ci(bl[k], bl[base_key], stats.mean_over_steps(steps, sel),
                                              n_boot=n_boot, seed=seed)
                     parts.append(f"{label(k[0])} − base {num(g.value, d, True)} {ci_text(g, d, True)}")
-                reason += "; " + "; ".join(parts)
+                note = "; " + "; ".join(parts)
             out.append(row | dict(delta=num(e.value, d, True), delta_ci=ci_text(e, d, True), compute=compute_text,
-                                  verdict=v, reason=reason + f" (n = {e.n} {e.unit})"))
+                                  estimate=e, nfe=(nfe_a, nfe_b), kind=claim.compute, names=(row_name(ka), row_name(kb)),
+                                  note=note + f" (interval over {e.unit})"))
     return out
+
+
+def decide_claims(claims: list[dict]) -> list[dict]:
+    """Verdicts for the whole claims table: Holm over every compared row (one family), then the compute rule."""
+    compared = [c for c in claims if c.get("estimate") is not None]
+    for c, (call, p) in zip(compared, stats.verdicts([c["estimate"] for c in compared])):
+        v, reason = claim_verdict(call, *c["nfe"], c["kind"], *c["names"])
+        c.update(verdict=v, p_holm=p, reason=f"{reason}; Holm-adjusted p = {p:.3g} over {len(compared)} "
+                                             f"comparisons{c['note']}")
+    return claims
 
 
 # ----------------------------------------------------------------------------------------------- failed, provenance
@@ -462,10 +532,10 @@ def failed_cells(results: Results, max_chars: int = 1500) -> list[dict]:
         detail = ""
         path = artifact(results.uri, run.run_id, "error.txt")
         if path is not None:
-            text = path.read_text(errors="replace").strip()
-            detail = text if len(text) <= max_chars else "…" + text[-max_chars:]
-        out.append(dict(run_name=run.run_name, status=run.status, cell_id=run.cell_id or "",
-                        error=run.error or "(no error tag)", traceback=detail))
+            trace = path.read_text(errors="replace").strip()
+            detail = trace if len(trace) <= max_chars else "…" + trace[-max_chars:]
+        out.append(dict(run_name=run.run_name, status=run.status, cell_id=text(run.cell_id),
+                        error=text(run.error) or "(no error tag)", traceback=detail))
     return out
 
 
@@ -477,7 +547,8 @@ def failed_methods(results: Results, experiment: str, model: str, reward: str) -
 
 
 def _counts(series: pd.Series) -> str:
-    series = series.dropna().astype(str)
+    series = series.map(text)
+    series = series[series != ""]
     if series.empty:
         return "not recorded"
     return ", ".join(f"{v} ({n} runs)" if len(series) > 1 else v for v, n in series.value_counts().items())
@@ -507,8 +578,8 @@ def provenance(results: Results) -> dict:
         info["options"] = "; ".join(f"{c[len('params.reward.options.'):]}={_counts(mine[c])}" for c in opts
                                     if mine[c].notna().any()) or "defaults"
         rewards.append(info)
-    cells = [dict(run_name=r.run_name, status=r.status, cell_id=r.cell_id or "", commit=(r.git_commit or "")[:12],
-                  device=r.device or "") for r in runs.sort_values("run_name").itertuples()]
+    cells = [dict(run_name=r.run_name, status=r.status, cell_id=text(r.cell_id), commit=text(r.git_commit)[:12],
+                  device=text(r.device)) for r in runs.sort_values("run_name").itertuples()]
     return dict(facts=facts, libraries=libraries, rewards=rewards, cells=cells)
 
 
@@ -544,10 +615,10 @@ def build_group(results: Results, key: tuple, *, n_boot: int, seed: int, grid_sa
         y = [e["S"][s].value for s in steps]
         name = row_name(k)
         by_steps.append(plots.Series(name, k[0], list(steps), y, [e["S"][s].lo for s in steps],
-                                     [e["S"][s].hi for s in steps]))
+                                     [e["S"][s].hi for s in steps], k[1]))
         nfe = [inference_nfe_per_image(run_sets.get(k, pd.DataFrame()), main.reward, s) for s in steps]
         assumed |= not all(ok for _, ok in nfe)
-        by_nfe.append(plots.Series(name, k[0], [x for x, _ in nfe], y, [], []))
+        by_nfe.append(plots.Series(name, k[0], [x for x, _ in nfe], y, [], [], k[1]))
     train_ks = {k[1] for k in keys if k[1] >= 0}
     curves = plots.step_curves(by_steps, by_nfe, main.reward, train_ks)
 
@@ -556,14 +627,14 @@ def build_group(results: Results, key: tuple, *, n_boot: int, seed: int, grid_sa
         e = main.estimates[k]["mean"]
         x = 0.0 if k[0] in UNTRAINED else train_nfe(run_sets.get(k, pd.DataFrame()))
         if math.isfinite(x):
-            points.append(plots.Series(row_name(k), k[0], [x], [e.value],
-                                       [e.lo], [e.hi]))
+            points.append(plots.Series(row_name(k), k[0], [x], [e.value], [e.lo], [e.hi], k[1]))
     bl = blocks(rows, main.reward, steps)
     title = f"{model} · trained on {train_reward}" + (f" · {experiment}" if many else "")
     return dict(
         id=re.sub(r"[^a-z0-9]+", "-", f"{experiment}-{model}-{train_reward}".lower()).strip("-"),
         title=title, model=model, train_reward=train_reward, experiment=experiment, steps=steps,
         train_steps=sorted(train_ks), main=main, heldout=tables[1:], curves=curves, nfe_assumed=assumed,
+        stepgen=step_generalization(main, steps),
         cost=cost_table(run_sets, keys), cost_plot=plots.cost_scatter(points, main.reward) if points else None,
         grid=image_grid(results, rows, keys, steps, main.reward, grid_samples),
         claims=evaluate_claims(title, bl, run_sets, main.reward, steps, n_boot=n_boot, seed=seed,
@@ -582,10 +653,11 @@ def build_context(results: Results, *, n_boot: int = stats.N_BOOT, seed: int = 0
     if status.get("RUNNING"):
         problems.append(f"{status['RUNNING']} run(s) still RUNNING were left out")
     return dict(
-        title="stepbench report", experiments=results.experiments, uri=results.uri,
+        title=(f"{STANDIN_NOTE} · " if results.standin else "") + "stepbench report", standin=results.standin,
+        standin_note=STANDIN_NOTE, split=REPORT_SPLIT, alpha=stats.ALPHA, experiments=results.experiments, uri=results.uri,
         generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         n_runs=len(runs), status=status, n_images=int(len(scores[["run_id", "S", "sample_idx"]].drop_duplicates()))
-        if len(scores) else 0, groups=groups, claims=[c for g in groups for c in g["claims"]],
+        if len(scores) else 0, groups=groups, claims=decide_claims([c for g in groups for c in g["claims"]]),
         failed=failed_cells(results), provenance=provenance(results), problems=problems,
         n_boot=n_boot, seed=seed, level=int(round(100 * stats.LEVEL)),
     )

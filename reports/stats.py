@@ -1,30 +1,49 @@
-"""Confidence intervals for the report: percentile bootstrap over seeds or prompts, paired differences, win rates.
+"""Intervals and verdicts for the report: a hierarchical bootstrap over training seeds, prompts and noises.
 
 Data layout. One leaderboard row (a method at one training step count K, all its training seeds) scored under
-one reward is a ``Block``: ``values`` of shape (n_seeds, n_pairs, n_S), where a *pair* is one evaluation
-(prompt_idx, sample_idx), i.e. one prompt with one fixed initial noise, shared by every method. Pairs are
-clustered by prompt: samples of the same prompt are not independent draws of the prompt distribution, so
-prompt-level resampling moves all of a prompt's samples together.
+one reward on one split is a ``Block``: ``values`` of shape (n_seeds, n_pairs, n_S), where a *pair* is one
+evaluation (prompt_idx, sample_idx), i.e. one prompt with one fixed initial noise, shared by every method.
 
-Intervals (all 95 % percentile bootstrap, ``N_BOOT`` resamples, numpy Generator seeded -> deterministic):
-- ``mean_ci``: a row's statistic (reward at S, mean over S, worst S, step gap) with the bootstrap **over
-  training seeds** when the row has >= 2 distinct seeds, otherwise **over prompts**; every Estimate says which.
-  Seeds whose scores are identical (a method that trains nothing, e.g. ``base``) count once.
-- ``paired_diff_ci``: A minus B on the *same* (prompt, noise) pairs. Each resample draws one set of prompts used
-  by both A and B (that is the pairing: prompt and noise differences cancel), and A's and B's training seeds
-  independently when they have several. With one seed each it is the plain paired bootstrap over prompts.
-- ``win_rate``: P(A's image scores higher than B's on the same pair), ties count 1/2, averaged over seed
-  combinations and over S ("mean win rate", as HELM's column averages over columns).
+Where the variance comes from. A trained row's number varies with (1) its training seed (and, for on-policy RL,
+the machine's float rounding, which acts like another seed), (2) which prompts the test split happens to hold,
+(3) which initial noises each prompt is sampled from. Seeds and prompts are *crossed* (every seed is evaluated on
+the same prompts and noises) and noises are nested in prompts. An interval from the per-sample spread alone (the
+old ``SE = sd / sqrt(n)``) covers only (3) and under-covers; tests/test_stats.py measures by how much.
+
+The bootstrap. Each resample draws, independently:
+- each row's training seeds with replacement (rows whose seeds gave identical scores, e.g. ``base``, count once:
+  they do not depend on the seed);
+- prompts with replacement, one draw shared by every seed and every row compared on them (the pairing: a paired
+  gain A - B is computed on the same resampled prompts and noises, so shared prompt and noise effects cancel);
+- noises within each drawn prompt with replacement (each copy of a prompt gets its own draw).
+Statistics are functions of a row's per-step means (reward at S, mean over S, worst S, gain at S != K minus gain
+at S = K, ...), evaluated on every resample, so summaries and per-S numbers come from the same draws.
+
+The interval. With the 3-5 seeds a grid can afford, a percentile interval of the bootstrap distribution is too
+narrow: the bootstrap spread of a mean of n seeds is (n - 1)/n of the truth, and its normal-like quantiles ignore
+that the spread itself was estimated from n values (the t distribution's 4.30 instead of 1.96 at n = 3). So the
+bootstrap is run once per level with the other levels held fixed, which gives each level's share of the variance
+(v_level = n/(n-1) * bootstrap variance); the interval is ``value +- t(df) * sqrt(sum of v_level)`` with
+Welch-Satterthwaite degrees of freedom ``df = V^2 / sum(v_level^2 / (n_level - 1))``. With many prompts and one
+dominant prompt level this is the usual ~1.96 SE interval; with few seeds and a dominant seed level it is the
+t interval over seeds. Counting the prompt level with its noises and the seed level with its prompts counts the
+seed x prompt interaction twice: conservative, as a crossed design's bootstrap is. The p-value is the same t's.
+
+Verdicts. ``holm`` adjusts a family's p-values (Holm 1979: step-down Bonferroni, controls the family-wise error
+rate); a comparison is ``better`` / ``worse`` when its adjusted p-value is below ``ALPHA`` and its value is
+positive / negative, else ``inconclusive``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-LEVEL = 0.95
+ALPHA = 0.05  # family-wise error rate of the verdicts
+LEVEL = 0.95  # of the intervals shown
 N_BOOT = 2000
 
 Statistic = Callable[[np.ndarray], np.ndarray]
@@ -36,7 +55,7 @@ class Block:
     """Per-image scores of one row under one reward, aligned on shared pairs and step counts."""
 
     values: np.ndarray  # (n_seeds, n_pairs, n_S); NaN where an image is missing
-    prompts: np.ndarray  # (n_pairs,) prompt_idx of each pair: the resampling cluster
+    prompts: np.ndarray  # (n_pairs,) prompt_idx of each pair: the cluster its noises are nested in
     steps: tuple[int, ...]  # the S of the last axis
 
     def __post_init__(self):
@@ -58,8 +77,11 @@ class Estimate:
     value: float
     lo: float
     hi: float
-    n: int  # number of resampled units
-    unit: str  # "seeds" | "prompts" | "prompts (paired)" | ...
+    n: int  # training seeds behind the value (distinct ones; 1 for a row that does not depend on its seed)
+    unit: str  # what the interval resamples, e.g. "3 seeds × 48 prompts × noises"
+    se: float = math.nan
+    df: float = math.nan
+    p: float = math.nan  # two-sided p-value of "value = 0" (uncorrected)
 
     @property
     def excludes_zero(self) -> bool:
@@ -74,7 +96,7 @@ def at_step(steps: tuple[int, ...], s: int) -> Statistic:
     return lambda mu: mu[..., i]
 
 
-def mean_over_steps(steps: tuple[int, ...], subset: tuple[int, ...] | None = None) -> Statistic:
+def mean_over_steps(steps: tuple[int, ...], subset: Sequence[int] | None = None) -> Statistic:
     idx = [steps.index(s) for s in (subset if subset is not None else steps)]
     return lambda mu: mu[..., idx].mean(axis=-1)
 
@@ -90,11 +112,19 @@ def step_gap(steps: tuple[int, ...], train_steps: int) -> Statistic:
     return lambda mu: mu[..., k] - mu[..., others].mean(axis=-1)
 
 
-# ----------------------------------------------------------------------------------------------- core
+def off_k_minus_at_k(steps: tuple[int, ...], train_steps: int, off: Sequence[int] | None = None) -> Statistic:
+    """Mean over the step counts ``off`` (default: every S != K) minus the value at S = K; applied to a paired
+    difference it is "gain at S != K minus gain at S = K" (0: the gain generalises across step counts)."""
+    k = steps.index(train_steps)
+    idx = [steps.index(s) for s in (off if off is not None else [s for s in steps if s != train_steps])]
+    return lambda mu: mu[..., idx].mean(axis=-1) - mu[..., k]
 
 
-def _distinct_seeds(values: np.ndarray) -> np.ndarray:
-    """Drop seeds whose scores repeat another seed's exactly (a deterministic, untrained row)."""
+# ----------------------------------------------------------------------------------------------- resampling
+
+
+def distinct_seeds(values: np.ndarray) -> np.ndarray:
+    """Drop seeds whose scores repeat another seed's exactly (a row that does not depend on its seed)."""
     keep, seen = [], []
     for i, row in enumerate(values):
         if not any(np.array_equal(row, other, equal_nan=True) for other in seen):
@@ -103,127 +133,207 @@ def _distinct_seeds(values: np.ndarray) -> np.ndarray:
     return values[keep]
 
 
-def _cluster_sums(values: np.ndarray, valid: np.ndarray, prompts: np.ndarray):
-    """Per-(seed, prompt, S) sums over valid pairs and per-(prompt, S) counts.
+def draw_seeds(rng: np.random.Generator, n_seeds: int, n_boot: int) -> np.ndarray:
+    """(n_boot, n_seeds) how often each seed is drawn in each resample."""
+    return rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_boot).astype(float)
 
-    values (n_seeds, n_pairs, n_S), valid (n_pairs, n_S) -> sums (n_seeds, n_prompts, n_S), counts (n_prompts, n_S).
-    """
+
+def draw_pairs(rng: np.random.Generator, prompts: np.ndarray, n_boot: int) -> np.ndarray:
+    """(n_boot, n_pairs) how often each (prompt, noise) pair is drawn: prompts with replacement, then for each
+    drawn copy of a prompt its noises with replacement. m copies of a prompt with n noises draw n noises each,
+    which in total is one multinomial of m * n draws over the prompt's noises."""
     _, codes = np.unique(prompts, return_inverse=True)
-    n_clusters = codes.max() + 1 if len(codes) else 0
-    onehot = np.zeros((len(codes), n_clusters))
-    onehot[np.arange(len(codes)), codes] = 1.0
-    filled = np.where(valid[None], values, 0.0)
-    sums = np.einsum("ipS,pc->icS", filled, onehot)
-    counts = np.einsum("pS,pc->cS", valid.astype(float), onehot)
-    return sums, counts
+    n_prompts = int(codes.max()) + 1 if len(codes) else 0
+    copies = rng.multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=n_boot)  # (B, n_prompts)
+    weights = np.zeros((n_boot, len(codes)))
+    for c in range(n_prompts):
+        members = np.flatnonzero(codes == c)
+        weights[:, members] = rng.multinomial(copies[:, c] * len(members), np.full(len(members), 1.0 / len(members)))
+    return weights
 
 
-def _step_means(sums, counts, seed_idx, prompt_idx) -> np.ndarray:
-    """Per-step means for resampled seeds (B, n_seeds') and prompts (B, n_prompts') -> (B, n_S).
-
-    Mean over the resampled seeds of the count-weighted mean over the resampled prompts."""
-    picked = sums[seed_idx[:, :, None], prompt_idx[:, None, :]]  # (B, n_seeds', n_prompts', n_S)
-    weight = counts[prompt_idx].sum(axis=1)  # (B, n_S)
+def step_means(values: np.ndarray, valid: np.ndarray, seed_w: np.ndarray, pair_w: np.ndarray) -> np.ndarray:
+    """Per-step means (B, n_S) for seed weights (B|1, n_seeds) and pair weights (B|1, n_pairs): the seed-weighted
+    mean of each seed's pair-weighted mean. values (n_seeds, n_pairs, n_S), valid (n_pairs, n_S)."""
+    n_seeds, n_pairs, n_steps = values.shape
+    filled = np.where(valid[None], values, 0.0).transpose(1, 0, 2).reshape(n_pairs, n_seeds * n_steps)
+    sums = (pair_w @ filled).reshape(len(pair_w), n_seeds, n_steps)  # (B, n_seeds, n_S)
+    counts = pair_w @ valid.astype(float)  # (B, n_S)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (picked.sum(axis=2) / weight[:, None, :]).mean(axis=1)
-
-
-def _identity(n: int) -> np.ndarray:
-    return np.arange(n)[None, :]
-
-
-def _resample(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
-    return rng.integers(0, n, size=(n_boot, n))
-
-
-def _interval(point: float, boot: np.ndarray, n: int, unit: str, level: float) -> Estimate:
-    boot = boot[np.isfinite(boot)]
-    if n < 2 or boot.size == 0:
-        return Estimate(float(point), float("nan"), float("nan"), n, unit)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(boot, [alpha, 1 - alpha])
-    return Estimate(float(point), float(lo), float(hi), n, unit)
-
-
-# ----------------------------------------------------------------------------------------------- public
+        per_seed = sums / counts[:, None, :]
+        return np.einsum("bs,bsS->bS", seed_w, per_seed) / seed_w.sum(axis=1, keepdims=True)
 
 
 @dataclass(frozen=True)
 class Resampled:
-    """Per-step means of a row at the point estimate and under every bootstrap resample; any statistic of them
-    gets its CI from the same resamples (so mean over S, worst S and gap are jointly consistent)."""
+    """A row's per-step means at the point estimate and under three bootstraps: every level at once (``joint``),
+    seeds only (prompts and noises fixed) and prompts with their noises only (seeds fixed)."""
 
     point: np.ndarray  # (n_S,)
-    boot: np.ndarray  # (n_boot, n_S)
-    n: int
-    unit: str
+    joint: np.ndarray  # (n_boot, n_S)
+    seeds: np.ndarray  # (n_boot, n_S)
+    pairs: np.ndarray  # (n_boot, n_S)
+    n_seeds: int
+    n_prompts: int
 
     def estimate(self, statistic: Statistic, level: float = LEVEL) -> Estimate:
-        return _interval(statistic(self.point[None])[0], statistic(self.boot), self.n, self.unit, level)
+        f = statistic
+        value = float(f(self.point[None])[0])
+        parts = [(f(self.seeds), self.n_seeds), (f(self.pairs), self.n_prompts)]
+        return interval(value, parts, self.n_seeds, unit([self.n_seeds], self.n_prompts), level)
 
 
 @dataclass(frozen=True)
 class PairedResampled:
-    """A's and B's per-step means under shared prompt resamples; statistics are differences A - B."""
+    """Rows A and B on the same resampled prompts and noises (their seeds drawn independently); statistics are
+    differences f(A) - f(B)."""
 
     a: Resampled
     b: Resampled
 
     def estimate(self, statistic: Statistic, level: float = LEVEL) -> Estimate:
-        point = statistic(self.a.point[None])[0] - statistic(self.b.point[None])[0]
-        return _interval(point, statistic(self.a.boot) - statistic(self.b.boot), self.a.n, self.a.unit, level)
+        f, a, b = statistic, self.a, self.b
+        fa, fb = f(a.point[None])[0], f(b.point[None])[0]
+        parts = [(f(a.seeds) - fb, a.n_seeds), (fa - f(b.seeds), b.n_seeds), (f(a.pairs) - f(b.pairs), a.n_prompts)]
+        return interval(float(fa - fb), parts, max(a.n_seeds, b.n_seeds),
+                        unit([a.n_seeds, b.n_seeds], a.n_prompts, paired=True), level)
+
+
+def unit(seeds: Sequence[int], n_prompts: int, paired: bool = False) -> str:
+    """What an interval resamples, e.g. "3 seeds × 48 prompts × noises" (rows with one seed add no seed level)."""
+    many = [str(n) for n in seeds if n > 1]
+    text = f"{' + '.join(many) or '1'} seed{'s' if many else ''} × {n_prompts} prompts × noises"
+    return text + (", paired" if paired else "")
+
+
+def interval(value: float, parts: list[tuple[np.ndarray, int]], n: int, unit_text: str,
+             level: float = LEVEL) -> Estimate:
+    """value +- t(df) * SE from each level's bootstrap draws (levels with one unit add no variance: there is
+    nothing to resample); df by Welch-Satterthwaite. See the module docstring."""
+    from scipy import stats as st
+
+    if not math.isfinite(value):
+        return Estimate(value, math.nan, math.nan, n, unit_text)
+    variances, dfs = [], []
+    for draws, n_units in parts:
+        draws = np.asarray(draws, dtype=float)
+        draws = draws[np.isfinite(draws)]
+        if n_units < 2 or draws.size < 2:
+            continue
+        variances.append(float(draws.var()) * n_units / (n_units - 1))
+        dfs.append(n_units - 1)
+    if not variances:
+        return Estimate(value, math.nan, math.nan, n, unit_text)
+    total = sum(variances)
+    se = math.sqrt(total)
+    if total <= 1e-30:  # no spread at any level (e.g. a constant shift): the value is exact
+        return Estimate(value, value, value, n, unit_text, 0.0, math.inf, 1.0 if value == 0 else 0.0)
+    df = total ** 2 / sum(v ** 2 / d for v, d in zip(variances, dfs))
+    q = float(st.t.ppf(1 - (1 - level) / 2, df))
+    p = float(2 * st.t.sf(abs(value) / se, df))
+    return Estimate(value, value - q * se, value + q * se, n, unit_text, se, df, p)
+
+
+def _prepare(block: Block, valid: np.ndarray | None = None):
+    values = distinct_seeds(block.values)
+    if valid is None:
+        valid = np.isfinite(values).all(axis=0)
+    return values, valid
+
+
+def _resampled(values, valid, n_prompts, pair_draws, rng, n_boot) -> Resampled:
+    n_seeds = len(values)
+    ones_s, ones_p = np.ones((1, n_seeds)), np.ones((1, values.shape[1]))
+    seed_draws = draw_seeds(rng, n_seeds, n_boot)
+    return Resampled(point=step_means(values, valid, ones_s, ones_p)[0],
+                     joint=step_means(values, valid, seed_draws, pair_draws),
+                     seeds=step_means(values, valid, seed_draws, ones_p),
+                     pairs=step_means(values, valid, ones_s, pair_draws), n_seeds=n_seeds, n_prompts=n_prompts)
 
 
 def resample(block: Block, *, n_boot: int = N_BOOT, seed: int = 0) -> Resampled:
-    """Bootstrap a row over its training seeds (>= 2 distinct seeds) or else over prompts."""
-    values = _distinct_seeds(block.values)
-    sums, counts = _cluster_sums(values, np.isfinite(values).all(axis=0), block.prompts)
-    n_seeds, n_prompts = sums.shape[0], sums.shape[1]
-    point = _step_means(sums, counts, _identity(n_seeds), _identity(n_prompts))[0]
+    """Bootstrap a row over its training seeds, prompts and noises within prompt."""
+    values, valid = _prepare(block)
     rng = np.random.default_rng(seed)
-    if n_seeds >= 2:
-        boot = _step_means(sums, counts, _resample(rng, n_seeds, n_boot), _identity(n_prompts))
-        return Resampled(point, boot, n_seeds, "seeds")
-    boot = _step_means(sums, counts, _identity(1), _resample(rng, n_prompts, n_boot))
-    return Resampled(point, boot, n_prompts, "prompts")
+    return _resampled(values, valid, block.n_prompts, draw_pairs(rng, block.prompts, n_boot), rng, n_boot)
 
 
 def resample_paired(a: Block, b: Block, *, n_boot: int = N_BOOT, seed: int = 0) -> PairedResampled:
-    """Bootstrap A and B on the same resampled prompts (the pairing); their seeds independently."""
+    """Bootstrap A and B on the same resampled prompts and noises (the pairing); their seeds independently.
+    A row with one distinct seed (base, inference scaling) pairs with every seed of the other row."""
     if a.steps != b.steps or not np.array_equal(a.prompts, b.prompts):
         raise ValueError("paired comparisons need blocks aligned on the same pairs and steps (frame.blocks does this)")
-    va, vb = _distinct_seeds(a.values), _distinct_seeds(b.values)
+    va, vb = distinct_seeds(a.values), distinct_seeds(b.values)
     valid = np.isfinite(va).all(axis=0) & np.isfinite(vb).all(axis=0)
-    sums_a, counts = _cluster_sums(va, valid, a.prompts)
-    sums_b, _ = _cluster_sums(vb, valid, b.prompts)
-    n_prompts = counts.shape[0]
     rng = np.random.default_rng(seed)
-    prompt_idx = _resample(rng, n_prompts, n_boot)
-    unit = "prompts, paired" + (" (+ seeds)" if max(len(sums_a), len(sums_b)) >= 2 else "")
-    out = []
-    for sums in (sums_a, sums_b):
-        n = len(sums)
-        seed_idx = _resample(rng, n, n_boot) if n >= 2 else _identity(1)
-        out.append(Resampled(_step_means(sums, counts, _identity(n), _identity(n_prompts))[0],
-                             _step_means(sums, counts, seed_idx, prompt_idx), n_prompts, unit))
-    return PairedResampled(*out)
+    pair_draws = draw_pairs(rng, a.prompts, n_boot)
+    return PairedResampled(_resampled(va, valid, a.n_prompts, pair_draws, rng, n_boot),
+                           _resampled(vb, valid, a.n_prompts, pair_draws, rng, n_boot))
 
 
 def mean_ci(block: Block, statistic: Statistic, *, n_boot: int = N_BOOT, seed: int = 0,
             level: float = LEVEL) -> Estimate:
-    """A row's statistic with its bootstrap CI over seeds (>= 2 distinct seeds) or else over prompts."""
+    """A row's statistic with its hierarchical-bootstrap interval."""
     return resample(block, n_boot=n_boot, seed=seed).estimate(statistic, level)
 
 
 def paired_diff_ci(a: Block, b: Block, statistic: Statistic, *, n_boot: int = N_BOOT, seed: int = 0,
                    level: float = LEVEL) -> Estimate:
-    """statistic(A) - statistic(B) on shared (prompt, noise) pairs; prompts resampled jointly, seeds independently."""
+    """statistic(A) - statistic(B) on shared (prompt, noise) pairs with its hierarchical-bootstrap interval."""
     return resample_paired(a, b, n_boot=n_boot, seed=seed).estimate(statistic, level)
+
+
+def sample_only_ci(a: Block, b: Block | None, statistic: Statistic, level: float = LEVEL) -> Estimate:
+    """The interval the README used to print: every image of every seed an independent draw, SE = sd / sqrt(n) of
+    the per-image (paired) values of the statistic's steps. Kept only to show, in tests, that it under-covers."""
+    from scipy import stats as st
+
+    values = a.values if b is None else a.values - distinct_seeds(b.values)[:1]
+    per_image = statistic(values)  # (n_seeds, n_pairs)
+    flat = per_image[np.isfinite(per_image)]
+    se = float(flat.std(ddof=1) / math.sqrt(flat.size))
+    q = float(st.norm.ppf(1 - (1 - level) / 2))
+    value = float(flat.mean())
+    return Estimate(value, value - q * se, value + q * se, a.n_seeds, "images", se)
+
+
+# ----------------------------------------------------------------------------------------------- verdicts
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down): p_(i) * (m - i + 1), made monotone, capped at 1. NaN stays NaN and
+    does not count towards m."""
+    p = np.asarray(pvalues, dtype=float)
+    finite = np.flatnonzero(np.isfinite(p))
+    out = np.full(len(p), np.nan)
+    m = len(finite)
+    order = finite[np.argsort(p[finite], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
+BETTER, WORSE, INCONCLUSIVE = "better", "worse", "inconclusive"
+
+
+def call(e: Estimate, adjusted_p: float, alpha: float = ALPHA) -> str:
+    """better / worse / inconclusive from a comparison's value and its family-adjusted p-value."""
+    if not (math.isfinite(adjusted_p) and adjusted_p < alpha):
+        return INCONCLUSIVE
+    return BETTER if e.value > 0 else WORSE if e.value < 0 else INCONCLUSIVE
+
+
+def verdicts(estimates: Sequence[Estimate], alpha: float = ALPHA) -> list[tuple[str, float]]:
+    """(verdict, Holm-adjusted p) for each comparison of one family."""
+    adjusted = holm([e.p for e in estimates])
+    return [(call(e, q, alpha), q) for e, q in zip(estimates, adjusted)]
 
 
 def win_rate(a: Block, b: Block, steps: tuple[int, ...] | None = None) -> float:
     """Mean over S of P(A > B) on the same pair (ties 1/2), over all (seed of A, seed of B) combinations."""
-    va, vb = _distinct_seeds(a.values), _distinct_seeds(b.values)
+    va, vb = distinct_seeds(a.values), distinct_seeds(b.values)
     valid = np.isfinite(va).all(axis=0) & np.isfinite(vb).all(axis=0)  # (n_pairs, n_S)
     cols = [a.steps.index(s) for s in (steps if steps is not None else a.steps)]
     rates = []

@@ -1,9 +1,11 @@
-"""reports: MLflow store -> tidy frame -> leaderboard numbers, CIs, claims, HTML escaping, PDF sections, CLI errors.
+"""reports: MLflow store -> tidy frame -> leaderboard numbers, intervals, verdicts, claims, HTML escaping, PDF
+sections, CLI errors, sweeps and stand-ins.
 
 The fixture writes a small grid through bench.tracking's own write API (as the harness does): per-image scores
-are built from a known model (prompt effect + shared per-noise effect + method gain at each S + seed jitter), and
-the test recomputes every leaderboard number from those raw records with plain pandas, independently of
-reports.frame / reports.stats.
+are built from a known model (prompt effect + shared per-noise effect + method gain at each S + seed jitter) on the
+test split, and the same scores + 5 on the validation split (so a validation number leaking into the report would
+show); the test recomputes every leaderboard number from the raw test records with plain pandas, independently of
+reports.frame / reports.stats. Sample images are logged as eval/test/samples_s<S>.npz arrays, as bench.evaluate does.
 """
 
 from __future__ import annotations
@@ -12,28 +14,29 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from bench import tracking  # noqa: E402
-from bench.evaluate import save_grid  # noqa: E402
 from reports import stats  # noqa: E402
 from reports.__main__ import main as reports_main  # noqa: E402
 from reports.frame import ReportInputError, load  # noqa: E402
-from reports.render import build_context, render_html, tile_boxes, verdict, write_pdf, write_report  # noqa: E402
+from reports.render import build_context, claim_verdict, render_html, write_pdf, write_report  # noqa: E402
 
 STEPS = (1, 2, 4, 8)
 N_PROMPTS, N_SAMPLES = 6, 24
 PROMPTS = ["a red circle", "two blue squares", "<script>alert('x')</script> & \"quotes\"",
            "three green triangles", "a yellow square", "one cyan circle"]
 REWARDS = ("toy-all", "toy-color")  # training reward, held-out reward
+SPLITS = {"val": 5.0, "test": 0.0}  # split -> offset of its scores: validation numbers must never reach the report
+N_NPZ = 8  # samples per S logged as arrays
 # method -> (K, seeds, gain over base per S on the training reward)
 CELLS = {
     "base": (2, [0], [0.0, 0.0, 0.0, 0.0]),
@@ -59,10 +62,20 @@ def synthetic_values(method: str, seed: int, reward: str) -> np.ndarray:
     return prompt_effect[prompt_idx, None] + noise_effect + step_effect + gain + jitter
 
 
-def tile_image(method: str, s: int, j: int) -> torch.Tensor:
-    """A blocky 32x32 test image (8x8 blocks of 4 px), different per (method, S, sample)."""
-    g = torch.Generator().manual_seed(zlib.crc32(f"{method}/{s}/{j}".encode()))
-    return torch.rand(3, 8, 8, generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
+def tile_image(method: str, s: int, j: int) -> np.ndarray:
+    """A blocky 16x16 uint8 test image (4x4 blocks of 4 px), different per (method, S, sample)."""
+    g = np.random.default_rng(zlib.crc32(f"{method}/{s}/{j}".encode()))
+    return g.integers(0, 256, (4, 4, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+
+
+def save_samples(folder: Path, method: str, s: int, prompts: list[str], split: str = "test") -> Path:
+    """eval/<split>/samples_s<S>.npz as the contract has it: images (k,H,W,3) uint8, prompt, prompt_idx, sample_idx."""
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    path = folder / split / f"samples_s{s}.npz"
+    idx = np.arange(N_NPZ)
+    np.savez(path, images=np.stack([tile_image(method, s, j) for j in idx]), prompt=np.array(prompts)[idx % N_PROMPTS],
+             prompt_idx=idx % N_PROMPTS, sample_idx=idx)
+    return path
 
 
 def empty_store(root: Path, template: Path | None = None) -> str:
@@ -75,35 +88,39 @@ def empty_store(root: Path, template: Path | None = None) -> str:
     return uri
 
 
-def write_store(root: Path, *, template: Path | None = None, failed: bool = True,
-                grid: str = "toy") -> tuple[str, pd.DataFrame]:
+def write_store(root: Path, *, template: Path | None = None, failed: bool = True, grid: str = "toy",
+                cells: dict | None = None, tags: dict | None = None, drop: tuple[str, ...] = ()) -> tuple[str, pd.DataFrame]:
     """A tmp SQLite MLflow store written through bench.tracking; returns (uri, raw per-image records)."""
     uri = empty_store(root, template)
     store = tracking.Store(uri)
     exp = store.experiment_id(grid)
     records = []
-    for method, (k, seeds, _) in CELLS.items():
+    extra = tags or {}
+    for method, (k, seeds, _) in (cells or CELLS).items():
         for seed in seeds:
             name = tracking.run_name(method, "toy-turbo", REWARDS[0], k, seed)
             tags = dict(method=method, model="toy-turbo", reward=REWARDS[0], seed=seed, grid=grid,
                         train_steps=0 if method == "base" else k,  # as bench.cell tags them
                         cell_id=f"{method[:4]}{k}{seed}abcdef", git_commit="0123456789abcdef", device="cpu",
                         stepbench_version="0.1.0", **{"lib.torch": "2.13.0", "reward.toy-all.scale": "fraction correct",
-                                                     "reward.toy-all.source": "tasks.toy.verify"})
+                                                     "reward.toy-all.source": "tasks.toy.verify"}) | extra
+            tags = {key: value for key, value in tags.items() if key not in drop}
             with store.start_run(exp, name, tags) as run:
                 run.log_params({"eval.n": N_SAMPLES, "eval.grid_images": 8, "eval.seed": 0, "reward.name": REWARDS[0],
                                 "eval.steps": list(STEPS), "dtype": "float32", "prompts": "toy"})
                 rows = []
-                for reward in REWARDS:
-                    values = synthetic_values(method, seed, reward)
-                    for i in range(N_SAMPLES):
-                        for c, s in enumerate(STEPS):
-                            rows.append(dict(run_id=run.run_id, cell_id=tags["cell_id"], method=method,
-                                             prompt=PROMPTS[i % N_PROMPTS], prompt_idx=i % N_PROMPTS, sample_idx=i,
-                                             seed=seed, S=s, reward=reward, value=float(values[i, c]),
-                                             model="toy-turbo", train_steps=k, eval_seed=0))  # bench.cell's extras
+                for split, offset in SPLITS.items():
+                    for reward in REWARDS:
+                        values = synthetic_values(method, seed, reward) + offset
+                        for i in range(N_SAMPLES):
+                            for c, s in enumerate(STEPS):
+                                rows.append(dict(run_id=run.run_id, cell_id=tags["cell_id"], method=method,
+                                                 split=split, prompt=PROMPTS[i % N_PROMPTS], prompt_idx=i % N_PROMPTS,
+                                                 sample_idx=i, seed=seed, S=s, reward=reward,
+                                                 value=float(values[i, c]), model="toy-turbo", train_steps=k,
+                                                 eval_seed=0))  # bench.cell's extras
                 scores = pd.DataFrame(rows)
-                records.append(scores.assign(train_steps=k))
+                records.append(scores[scores.split == "test"].assign(train_steps=k))
                 out = root / run.run_id
                 out.mkdir()
                 scores.to_parquet(out / "scores.parquet")
@@ -115,14 +132,13 @@ def write_store(root: Path, *, template: Path | None = None, failed: bool = True
                 metrics["cost/train_nfe"] = metrics["cost/sample_nfe"] + metrics["cost/grad_nfe"]
                 per_image = 4 if method == "inference_scaling" else 1
                 for s in STEPS:
-                    metrics[f"cost/eval_nfe/s{s}"] = float(N_SAMPLES * s * per_image)
-                    for reward in REWARDS:
-                        v = scores[(scores.S == s) & (scores.reward == reward)].value
-                        metrics |= {f"eval/{reward}/s{s}/mean": v.mean(), f"eval/{reward}/s{s}/n": float(len(v))}
-                    part = scores[(scores.S == s) & (scores.reward == REWARDS[0])].sort_values("sample_idx")[:8]
-                    images = torch.stack([tile_image(method, s, j) for j in range(8)])
-                    save_grid(images, part.prompt.tolist(), part.value.tolist(), out / f"grid_s{s}.png",
-                              title=f"{name} S={s}", reward=REWARDS[0])
+                    metrics[f"cost/eval_nfe/s{s}"] = float(len(SPLITS) * N_SAMPLES * s * per_image)  # both splits
+                    for split in SPLITS:
+                        for reward in REWARDS:
+                            v = scores[(scores.S == s) & (scores.reward == reward) & (scores.split == split)].value
+                            metrics |= {f"eval/{split}/{reward}/s{s}/mean": v.mean(),
+                                        f"eval/{split}/{reward}/s{s}/n": float(len(v))}
+                    save_samples(out, method, s, PROMPTS)
                 metrics["cost/eval_nfe"] = sum(metrics[f"cost/eval_nfe/s{s}"] for s in STEPS)
                 run.log_metrics(metrics)
                 run.client.log_artifacts(run.run_id, str(out), "eval")  # one call: each costs a store round trip
@@ -206,13 +222,15 @@ def test_leaderboard_numbers_match_independent_recomputation(grid, which):
         trains = method not in ("base", "inference_scaling")  # no K, hence no step gap
         assert row[col["K"]].text == (str(CELLS[method][0]) if trains else "—")
         assert row[col["step gap →0"]].text == (f"{e['gap']:+.3f}" if trains else "—")
+        n = len(CELLS[method][1])
+        seeds = f"{n} seeds" if n > 1 else "1 seed"
+        assert row[col["interval over"]].text == f"{seeds} × {N_PROMPTS} prompts × noises"
         if method == "base":
             assert row[col["win rate vs base ↑"]].text == "—"
-            assert row[col["CI over"]].text == f"{N_PROMPTS} prompts"
         else:
             assert row[col["win rate vs base ↑"]].text == f"{100 * e['win']:.1f}%"
-            n = len(CELLS[method][1])
-            assert row[col["CI over"]].text == (f"{n} seeds" if n > 1 else f"{N_PROMPTS} prompts")
+            # a trained row from one seed is flagged: its interval cannot cover seed variance
+            assert (row[col["interval over"]].sub != "") == (n == 1 and method != "inference_scaling")
     # bold = best per column
     for s in STEPS:
         best = max(expected, key=lambda m: expected[m]["S"][s])
@@ -224,13 +242,19 @@ def test_leaderboard_numbers_match_independent_recomputation(grid, which):
                 assert gains[label(method)][2 + c].text == f"{e['gain'][s]:+.3f}"
 
 
-def test_ci_over_seeds_lies_within_the_seed_means(grid):
+def test_interval_of_a_three_seed_row_is_at_least_the_t_interval_over_its_seeds(grid):
+    """With 3 seeds the seed level alone gives mean +- t(2) sd/sqrt(3); the hierarchical interval adds the prompt
+    level on top, so it is at least that wide (a percentile bootstrap over 3 seeds would be ~2x narrower)."""
+    from scipy import stats as st
+
     records = grid["records"]
     r = records[(records.reward == REWARDS[0]) & (records.method == "sdpo") & (records.S == 1)]
     seed_means = r.groupby("seed").value.mean()
     e = grid["context"]["groups"][0]["main"].estimates[("sdpo", 2)]["S"][1]
-    assert (e.n, e.unit) == (3, "seeds")
-    assert seed_means.min() - 1e-12 <= e.lo <= e.value <= e.hi <= seed_means.max() + 1e-12
+    assert e.n == 3 and e.value == pytest.approx(seed_means.mean())
+    t_half = st.t.ppf(0.975, 2) * seed_means.std(ddof=1) / np.sqrt(3)
+    assert e.hi - e.value >= 0.9 * t_half and e.value - e.lo >= 0.9 * t_half
+    assert e.lo < seed_means.min() and e.hi > seed_means.max()
 
 
 def test_html_contains_the_leaderboard_numbers_and_escapes_the_malicious_prompt(grid, tmp_path):
@@ -252,72 +276,64 @@ def test_html_contains_the_leaderboard_numbers_and_escapes_the_malicious_prompt(
 # ----------------------------------------------------------------------------------------------- stats
 
 
-def _block(values, prompts=None, steps=(1,)):
-    values = np.asarray(values, dtype=float)
-    if values.ndim == 1:
-        values = values[None]
-    if values.ndim == 2:  # (seeds, pairs) at one step count
-        values = values[:, :, None]
-    prompts = np.arange(values.shape[1]) if prompts is None else np.asarray(prompts)
-    return stats.Block(values, prompts, steps)
+def test_claim_verdicts_apply_the_compute_rule_after_holm():
+    assert claim_verdict("better")[0] == "better" and claim_verdict("worse")[0] == "worse"
+    assert claim_verdict("inconclusive", 1000, 1000, "train")[0] == "inconclusive"
+    assert claim_verdict("better", 1000, 1050, "train")[0] == "better"  # equal within 10 %
+    assert claim_verdict("better", 2000, 1000, "train")[0] == "inconclusive"  # better, but with more compute
+    assert claim_verdict("worse", 2000, 1000, "train")[0] == "worse"  # worse even with more compute
+    assert claim_verdict("worse", 500, 1000, "train")[0] == "inconclusive"  # worse, but with less compute
+    assert claim_verdict("better", float("nan"), 1000, "train")[1] == "compute (NFEs) not recorded"
 
 
-def test_paired_ci_of_a_constant_shift_is_exact_while_unpaired_cis_are_wide():
-    b = np.array([0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.5, 0.4])  # large prompt-to-prompt spread
-    a = b + 0.25
-    e = stats.paired_diff_ci(_block(a), _block(b), stats.at_step((1,), 1), n_boot=500)
-    assert e.value == pytest.approx(0.25) and e.lo == pytest.approx(0.25) and e.hi == pytest.approx(0.25)
-    ua = stats.mean_ci(_block(a), stats.at_step((1,), 1), n_boot=500)
-    assert ua.hi - ua.lo > 0.2
+def test_gains_over_base_carry_holm_corrected_verdicts(grid):
+    """Each column of the gains table (one S, or the mean over S) is one Holm family over its rows."""
+    main = grid["context"]["groups"][0]["main"]
+    rows = list(main.gain_estimates)
+    assert len(rows) == 5  # every trained / inference-scaling row
+    for col in (*STEPS, "mean"):
+        column = [main.gain_estimates[k]["S"][col] if col != "mean" else main.gain_estimates[k]["mean"] for k in rows]
+        for key, e, q in zip(rows, column, stats.holm([e.p for e in column])):
+            verdict_, p = main.gain_estimates[key]["verdict"][col]
+            assert p == pytest.approx(q)
+            assert verdict_ == ("inconclusive" if q >= 0.05 else "better" if e.value > 0 else "worse")
+    # clear cases of the synthetic grid: PSO's +0.04 and best-of-4's +0.07 (one run each, 6 prompts), SFT's -0.06 at S=1
+    assert main.gain_estimates[("pso", 2)]["verdict"]["mean"][0] == "better"
+    assert main.gain_estimates[("inference_scaling", -1)]["verdict"]["mean"][0] == "better"
+    assert main.gain_estimates[("sft", 2)]["verdict"][1][0] == "worse"
+    assert main.gain_estimates[("sft", 2)]["verdict"]["mean"][0] == "inconclusive"  # +0.000 over S
+    gains = {r[0].text: r for r in main.gains.rows}
+    assert gains["PSO"][-2].tone == "pos" and "better" in gains["PSO"][-2].sub
+    assert gains["SFT (plain fine-tuning)"][2].tone == "neg"
 
 
-def test_paired_ci_on_a_hand_made_example():
-    # per-prompt differences 0, 0, 3: a resample's mean difference is k, the number of draws of prompt 3,
-    # k ~ Binomial(3, 1/3): 0, 1, 2, 3 with probabilities 8/27, 12/27, 6/27, 1/27 -> 95% percentile CI [0, 3].
-    a = _block([[1.0, 2.0, 5.0]])
-    b = _block([[1.0, 2.0, 2.0]])
-    e = stats.paired_diff_ci(a, b, stats.at_step((1,), 1), n_boot=4000, seed=3)
-    assert (e.lo, e.hi, e.n) == (0.0, 3.0, 3) and e.value == pytest.approx(1.0)
-    # two samples of one prompt move together: two clusters -> means 0, 1/2, 1 -> [0, 1]
-    a2 = _block([[0.0, 0.0, 1.0, 1.0]], prompts=[0, 0, 1, 1])
-    b2 = _block([[0.0, 0.0, 0.0, 0.0]], prompts=[0, 0, 1, 1])
-    e2 = stats.paired_diff_ci(a2, b2, stats.at_step((1,), 1), n_boot=4000)
-    assert (e2.value, e2.lo, e2.hi, e2.n) == (0.5, 0.0, 1.0, 2)
+def test_step_generalization_table_sets_the_gain_off_k_against_the_gain_at_k(grid):
+    group = grid["context"]["groups"][0]
+    [sg] = group["stepgen"]  # one training step count K = 2 in the fixture
+    assert sg["k"] == 2 and sg["table"].headers[1] == "Δ S=2 (=K)"
+    records = grid["records"]
+    r = records[records.reward == REWARDS[0]]
+    base = r[r.method == "base"].set_index(["sample_idx", "S"]).value
+    rows = {row[0].text: row for row in sg["table"].rows}
+    from reports.render import label
 
-
-def test_bootstrap_is_deterministic_given_the_seed():
-    rng = np.random.default_rng(0)
-    block = stats.Block(rng.normal(size=(3, 40, 4)), np.arange(40) % 10, STEPS)
-    f = stats.mean_over_steps(STEPS)
-    assert stats.mean_ci(block, f, seed=7) == stats.mean_ci(block, f, seed=7)
-    one = stats.Block(block.values[:1], block.prompts, STEPS)  # one seed: resampled over its 10 prompts
-    assert stats.mean_ci(one, f, seed=7) == stats.mean_ci(one, f, seed=7)
-    assert stats.mean_ci(one, f, seed=7) != stats.mean_ci(one, f, seed=8)
-    assert stats.mean_ci(one, f, seed=7).unit == "prompts"
-
-
-def test_identical_seeds_count_once_and_win_rate_counts_ties_half():
-    v = np.array([[0.0, 1.0, 2.0]])
-    dup = _block(np.stack([v[0], v[0]])[:, :, None])
-    assert stats.mean_ci(dup, stats.at_step((1,), 1)).unit == "prompts"
-    assert stats.win_rate(_block([[1.0, 1.0, 3.0]]), _block([[0.0, 1.0, 4.0]])) == pytest.approx(0.5)
-
-
-def test_verdicts():
-    up, down, zero = (stats.Estimate(0.1, 0.05, 0.15, 8, "p"), stats.Estimate(-0.1, -0.15, -0.05, 8, "p"),
-                      stats.Estimate(0.0, -0.05, 0.05, 8, "p"))
-    assert verdict(up)[0] == "supported" and verdict(down)[0] == "not supported"
-    assert verdict(zero)[0] == "inconclusive at this n"
-    assert verdict(up, 1000, 1050, "train")[0] == "supported"  # equal within 10 %
-    assert verdict(up, 2000, 1000, "train")[0] == "inconclusive"  # better, but with more compute
-    assert verdict(down, 2000, 1000, "train")[0] == "not supported"  # worse even with more compute
+    for method in ("ddpo", "sdpo", "pso", "sft"):
+        mine = r[r.method == method].join(base.rename("base"), on=["sample_idx", "S"])
+        gain = (mine.value - mine.base).groupby(mine.S).mean()
+        expected = gain[[1, 4, 8]].mean() - gain[2]
+        row = rows[label(method)]
+        assert row[1].text == f"{gain[2]:+.3f}" and row[-2].text == f"{expected:+.3f}", method
+    assert "Inference scaling" not in rows  # it has no K
 
 
 def test_claims_table(grid):
     claims = {c["source"]: c for c in grid["context"]["claims"] if c["source"] != "Inference-time scaling"}
-    assert claims["SDPO"]["verdict"] == "supported"  # +0.1 at S in {1, 4, 8}
+    assert claims["SDPO"]["verdict"] == "better"  # +0.1 at S in {1, 4, 8}
     assert "S ∈ {1, 4, 8}" in claims["SDPO"]["comparison"]
-    assert claims["PSO"]["verdict"] == "supported"  # SFT degrades S=1,2
+    assert claims["PSO"]["verdict"] == "better"  # SFT degrades S=1,2
+    compared = [c for c in grid["context"]["claims"] if c["estimate"] is not None]
+    assert [c["p_holm"] for c in compared] == pytest.approx(stats.holm([c["estimate"].p for c in compared]))
+    assert f"over {len(compared)} comparisons" in claims["SDPO"]["reason"]
     assert claims["SPO"]["verdict"] == "not run"  # its only cell failed; Diffusion-DPO absent
     assert claims["Diffusion-Sharpening"]["verdict"] == "not run"
     search = [c for c in grid["context"]["claims"] if c["source"] == "Inference-time scaling"]
@@ -330,20 +346,37 @@ def test_failed_cells_are_listed_with_their_error(grid):
     assert "<b>boom</b>" in failed[0]["error"] and "Traceback" in failed[0]["traceback"]
 
 
-def test_grid_tiles_crop_exactly_the_saved_images(tmp_path):
-    images = torch.stack([tile_image("x", 1, j) for j in range(11)])
-    for title in ("", "a title"):
-        path = save_grid(images, ["p"] * 11, [0.5] * 11, tmp_path / "g.png", title=title, reward="toy-all")
-        from PIL import Image
+def test_image_grid_shows_the_logged_arrays_where_rows_disagree_most(grid):
+    """Tiles are the npz arrays themselves (no PNG round trip); samples are ordered by how much the rows' scores
+    disagree (mean over S of max - min across rows), so the shown ones are the top of that ranking."""
+    import base64
+    import io
 
-        img = np.asarray(Image.open(path).convert("RGB"))
-        boxes = tile_boxes(img.shape[1], img.shape[0], 11)
-        assert boxes is not None
-        for j in (0, 8, 10):
-            x, y, w, h = boxes[j]
-            expected = (images[j].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            assert np.array_equal(img[y:y + h:3, x:x + w:3], expected)
-    assert tile_boxes(100, 100, 3) is None
+    from PIL import Image
+
+    g = grid["context"]["groups"][0]["grid"]
+    assert g["any"] and not g["missing"]
+    records = grid["records"]
+    r = records[(records.reward == REWARDS[0]) & (records.sample_idx < N_NPZ)]
+    lowest = r[r.seed == r.groupby("method").seed.transform("min")]
+    spread = lowest.pivot_table(index=["S", "sample_idx"], columns="method", values="value")
+    spread = (spread.max(axis=1) - spread.min(axis=1)).groupby(level="sample_idx").mean()
+    expected = sorted(spread.index, key=lambda j: (-spread[j], j))[:3]
+    assert [s["sample_idx"] for s in g["samples"]] == expected
+    sample = g["samples"][0]
+    ddpo = next(row for row in sample["rows"] if row["label"].startswith("DDPO"))
+    uri = ddpo["tiles"][STEPS.index(4)]["uri"]
+    tile = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+    assert np.array_equal(tile, tile_image("ddpo", 4, sample["sample_idx"]))
+
+
+def test_failed_attributes_come_from_the_per_image_checks():
+    from reports.render import failed_attributes
+
+    assert failed_attributes({"toy-color": 1.0, "toy-shape": 0.0, "toy-count": 1.0}) == ["shape"]
+    # colour from toy-mean3 when toy-color was not scored: 3 * 1/3 - 0 - 1 = 0 -> colour failed, shape failed
+    assert failed_attributes({"toy-mean3": 1 / 3, "toy-shape": 0.0, "toy-count": 1.0}) == ["colour", "shape"]
+    assert failed_attributes({"toy-all": 1.0}) == []
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -354,7 +387,8 @@ def test_pdf_contains_every_section_heading(grid, tmp_path):
         pytest.skip("pdftotext missing: apt-get install -y poppler-utils")
     pdf = write_pdf(render_html(grid["context"]), tmp_path / "report.pdf")
     text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
-    for heading in ("How to read this report", "Leaderboard — toy-all", "Gain over base", "Held-out rewards",
+    for heading in ("How to read this report", "Leaderboard — toy-all", "Gain over base", "Step generalization",
+                    "Held-out rewards",
                     "Step curves", "Cost", "Image grid", "Claims", "Failed cells", "Provenance"):
         assert heading in text, heading
     assert "<script>alert" in text  # the prompt is shown as text, not swallowed as markup
@@ -401,7 +435,6 @@ def test_a_grid_whose_cells_all_failed_still_renders(template, tmp_path):
 def test_a_retuned_cell_replaces_the_older_config_of_the_same_grid_position(template, tmp_path):
     """After a preset changes, the grid reruns a position (method/model/reward/K/seed) under a new cell id; the
     report takes the newest config's run only (never a mix of both configs) and says which run it ignored."""
-    import time
 
     uri, _ = write_store(tmp_path / "store", template=template, failed=False)
     store = tracking.Store(uri)
@@ -425,4 +458,57 @@ def test_a_retuned_cell_replaces_the_older_config_of_the_same_grid_position(temp
     pso = results.scores[results.scores["method"] == "pso"]
     assert set(pso["run_id"]) == {new_run} and (pso["value"] == 1.0).all()
     assert any(p.startswith(f"{name}: FINISHED run of an older config (cell pso20abcdef)") for p in results.problems)
+    # this run's scores have no split column (written before the split protocol): read, but said so
+    assert any(p.startswith("1 run(s) were scored before the train/val/test protocol") for p in results.problems)
     assert set(results.scores[results.scores["method"] == "ddpo"]["seed"]) == {0, 1}  # other positions untouched
+
+
+# ----------------------------------------------------------------------------------------------- sweeps, stand-ins
+
+
+def test_sweeps_stay_out_of_the_default_report_and_show_their_best_trial_when_asked(template, tmp_path):
+    """A sweep's trials are many configs at one grid position: the default report leaves stepbench/sweep/* out; asked
+    for, a sweep is one row per position, its best trial (tag sweep.best=true: the tuned config), not the last one."""
+    uri, _ = write_store(tmp_path / "store", template=template, failed=False, cells={"base": CELLS["base"]})
+    store = tracking.Store(uri)
+    write_store(tmp_path / "store", template=None, failed=False, grid="sweep/ddpo-study",
+                cells={"ddpo": (2, [0], CELLS["ddpo"][2])}, tags={"sweep.best": "true"})
+    time.sleep(0.01)
+    write_store(tmp_path / "store", template=None, failed=False, grid="sweep/ddpo-study",
+                cells={"ddpo": (2, [0], CELLS["sft"][2])}, tags={"sweep.best": "false"})  # the last trial, worse
+    assert tracking.list_experiments(uri) == ["stepbench/sweep/ddpo-study", "stepbench/toy"]
+    default = load(uri)
+    assert default.experiments == ["stepbench/toy"] and set(default.scores["method"]) == {"base"}
+    both = load(uri, sweeps=True)
+    sweep = both.scores[both.scores["experiment"] == "stepbench/sweep/ddpo-study"]
+    best = both.runs[both.runs["tags.sweep.best"] == "true"]
+    assert set(sweep["run_id"]) == set(best["run_id"]) and len(best) == 1
+    assert any("1 sweep trial run(s) left out" in p for p in both.problems)
+    named = load(uri, ["sweep/ddpo-study"])  # naming it is asking for it
+    assert named.experiments == ["stepbench/sweep/ddpo-study"]
+    del store
+
+
+def test_a_stand_in_report_says_it_is_not_a_result_on_every_page_and_tolerates_missing_tags(template, tmp_path):
+    """Runs of bench/standin.py (tag recipe=standin) render with the note in the title, at the top of every section
+    and on every PDF page; runs without a git_commit tag (issue 16.8: a TypeError before) render too."""
+    uri, _ = write_store(tmp_path / "store", template=template, failed=False, tags={"recipe": "standin"},
+                         drop=("git_commit",), cells={m: CELLS[m] for m in ("base", "ddpo", "inference_scaling")})
+    results = load(uri)
+    assert results.standin and (results.runs["git_commit"] == "").all()
+    context = build_context(results, n_boot=100)
+    note = "random-weight stand-in: not a result"
+    assert context["title"].startswith(note)
+    assert all(c["commit"] == "" for c in context["provenance"]["cells"])
+    html = render_html(context)
+    assert html.count(f'<p class="standin">{note}</p>') == 1 + len(context["groups"]) + 1  # header, groups, claims
+    if shutil.which("pdftotext") is None:
+        pytest.skip("pdftotext missing: apt-get install -y poppler-utils")
+    pdf = write_pdf(html, tmp_path / "report.pdf")
+    pages = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True,
+                           check=True).stdout.split("\f")
+    pages = [p for p in pages if p.strip()]
+    assert len(pages) >= 2 and all(note.upper() in p for p in pages)
+    real = build_context(load(write_store(tmp_path / "real", template=template, failed=False,
+                                          cells={"base": CELLS["base"]})[0]), n_boot=100)
+    assert note not in render_html(real)

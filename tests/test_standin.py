@@ -179,3 +179,4 @@ def test_reduced_standin_sdxl_grid_runs_end_to_end_and_reports(standin_cache, tm
                         str(tmp_path / "report"), "--no-pdf", "--n-boot", "200"]) == 0
     html = (tmp_path / "report" / "index.html").read_text()
     assert "sdxl-turbo" in html and "pso" in html
+    assert html.count("random-weight stand-in: not a result") >= 3  # title, header, every section
