@@ -109,6 +109,18 @@ def policy_kwargs(cfg: dict, method_config: Any) -> dict[str, Any]:
     return kwargs
 
 
+class NothingTrained(RuntimeError):
+    """A training method ended without changing a trainable weight (e.g. a budget below one update)."""
+
+
+def _fingerprint(policy) -> list[tuple[float, float]]:
+    """(sum, sum of squares) in float64 of every trainable tensor: changes with any update, costs no copy."""
+    import torch
+
+    with torch.no_grad():
+        return [(float(p.double().sum()), float(p.double().square().sum())) for p in policy.trainable_parameters()]
+
+
 def _check_finite(policy) -> None:
     import torch
 
@@ -304,9 +316,16 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
             method_tracker = accel.ScaledTracker(method_tracker, dp.world_size)
         tic = time.perf_counter()
         sync = dp.training(policy.trainable_parameters()) if dp is not None else contextlib.nullcontext()
+        from bench.plan import NO_TRAINING
+
+        before = None if cfg["method"]["name"] in NO_TRAINING else _fingerprint(policy)
         with sync as gradient_sync, accel.optimizers(cfg.get("adam_8bit", False)):
             method.train(policy, task, budget, method_tracker)
         train_seconds = time.perf_counter() - tic
+        if before is not None and _fingerprint(policy) == before:
+            raise NothingTrained(f"trained nothing: {cfg['method']['name']} made no update within budget.nfe="
+                                 f"{nfe} ({budget.total_nfe} NFEs spent, {budget.grad_nfe} in gradient steps); "
+                                 f"a run with 0 updates is not a result: raise budget.nfe")
         if dp is not None:
             sample_nfe, grad_nfe, calls = dp.sum_counts([budget.sample_nfe, budget.grad_nfe, budget.reward_calls])
             budget.load_dict({"sample_nfe": sample_nfe, "grad_nfe": grad_nfe, "reward_calls": calls})

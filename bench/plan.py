@@ -536,7 +536,7 @@ def check_reward(name: str, options: dict, *, training: bool) -> list[Missing]:
     return problems
 
 
-def check_cuda(devices: list[str]) -> Missing | None:
+def check_cuda(devices: list[str], grid: str = "<grid>") -> Missing | None:
     """None if every CUDA device the cells ask for exists here."""
     wanted = [d for d in devices if str(d).startswith("cuda")]
     if not wanted:
@@ -550,7 +550,7 @@ def check_cuda(devices: list[str]) -> Missing | None:
         return Missing("CUDA", f"the grid runs on device={wanted[0]}, but {why}. Run it on a GPU machine with a CUDA "
                                f"build of torch (nox: STEPBENCH_TORCH=\"torch --index-url "
                                f"https://download.pytorch.org/whl/cu124\"), or check the code path on this CPU with "
-                               f"the tiny stand-in: nox -s bench-<grid> -- --stand-in")
+                               f"the tiny stand-in: nox -s bench-{grid} -- --stand-in")
     for d in wanted:
         index = d.split(":", 1)[1] if ":" in d else "0"
         if int(index) >= count:
@@ -561,7 +561,7 @@ def check_cuda(devices: list[str]) -> Missing | None:
 def preflight(p: Plan) -> list[Missing]:
     """Everything the plan's cells need that is not here (empty when the grid can start)."""
     problems: list[Missing] = []
-    cuda = check_cuda(sorted({str(c["device"]) for c in p.configs}))
+    cuda = check_cuda(sorted({str(c["device"]) for c in p.configs}), p.grid)
     if cuda:
         problems.append(cuda)
     for key in dict.fromkeys((c["model"]["name"], c["model"].get("path")) for c in p.configs):

@@ -48,7 +48,7 @@ def _one_line(err: BaseException) -> str:
     parts = []
     while err is not None and len(parts) < 3:
         text = " ".join(str(err).split("full_key:")[0].split())
-        if text and text not in parts:
+        if text and text not in parts and "$VALUE" not in text:  # OmegaConf's unfilled template of the same error
             parts.append(text)
         err = err.__cause__ or err.__context__
     return "; ".join(parts)
@@ -84,7 +84,7 @@ def prepare(overrides: list[str], multirun: bool) -> Plan:
     from omegaconf.errors import OmegaConfBaseException
 
     from bench import grid as grids
-    from bench.validate import check_config, check_tracking_uri
+    from bench.validate import check_config, check_tracking_uri, check_weights
 
     check_overrides(overrides)
     grid = grids.grid_choice(overrides)
@@ -95,6 +95,7 @@ def prepare(overrides: list[str], multirun: bool) -> Plan:
         raise ConfigError(_unknown_key_message(err, overrides) or _one_line(err)) from None
     for cell in cells:
         check_config(cell)
+    check_weights(cells)
     for uri in sorted({cell["tracking"]["uri"] for cell in cells}):
         check_tracking_uri(uri)
     return Plan(grid=grid, multirun=multirun, cells=cells)

@@ -47,6 +47,8 @@ def check_overrides(overrides: list[str]) -> None:
         raise ConfigError(f"cannot parse the command line: {' '.join(str(err).split())}") from None
     for override in parsed:
         group = override.key_or_group
+        if override.is_add() or override.is_force_add():
+            _check_added_key(group)
         if group not in GROUPS or override.package is not None or override.is_delete():
             continue
         if override.is_sweep_override():
@@ -63,9 +65,51 @@ def check_overrides(overrides: list[str]) -> None:
                 raise _unknown(group, value, options)
 
 
+FREE_FORM = ("method", "reward.options")
+"""Schema nodes that take keys the schema does not list: a method's fields (checked against its Config dataclass
+later) and a reward's loader options (checked by tasks.rewards.check_options)."""
+
+
+def _check_added_key(key: str) -> None:
+    """A `+key=value` override may only add keys under a free-form node: `+budget.nfee=1` (a typo of budget.nfe)
+    would otherwise be accepted, logged and ignored."""
+    import dataclasses
+    import typing
+
+    from bench.conf.schema import StepbenchConfig
+
+    if key == "hydra" or key.startswith(("hydra.", "hydra/")) or "/" in key or "@" in key:
+        return
+    if key in GROUPS or (CONF_DIR / key).is_dir():  # +group=option adds a config group choice
+        return
+    node: Any = StepbenchConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        path = ".".join(parts[:depth])
+        if path in FREE_FORM:
+            return
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            where = path or "the top level"
+            raise ConfigError(f"unknown config key {key!r} (given as +{key}=...); valid keys under {where!r}: "
+                              f"{', '.join(sorted(fields))}")
+        hint = typing.get_type_hints(node)[part]
+        node = hint if dataclasses.is_dataclass(hint) else None
+
+
 def _names_check(kind: str, name: str, valid: list[str]) -> None:
     if name not in valid:
         raise _unknown(kind, name, valid)
+
+
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch generators take the same seeds
+MAX_THREADS = 1024
+MAX_EVAL_N = 100_000
+
+
+def _seed(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key} must be an integer in [0, {MAX_SEED}] (2**32 - 1); got {value!r}")
 
 
 def _positive_int(key: str, value: Any, allow_none: bool = False) -> None:
@@ -112,6 +156,16 @@ def check_config(cfg: Any) -> None:
     _positive_int("eval.n", cfg.eval.n)
     _positive_int("eval.batch_size", cfg.eval.batch_size)
     _positive_int("threads", cfg.threads)
+    if cfg.threads > MAX_THREADS:
+        raise ConfigError(f"threads must be <= {MAX_THREADS} (torch intra-op threads per process; 1 is the default, "
+                          f"use more workers instead); got {cfg.threads!r}")
+    _seed("seed", cfg.seed)
+    for key in sorted(k for k in cfg.eval.keys() if str(k).endswith("seed")):
+        _seed(f"eval.{key}", cfg.eval[key])
+    if cfg.eval.n > MAX_EVAL_N:
+        raise ConfigError(f"eval.n must be <= {MAX_EVAL_N:,} samples per step count; got {cfg.eval.n:,} "
+                          f"({cfg.eval.n * len(cfg.eval.steps):,} images over eval.steps={list(cfg.eval.steps)}); "
+                          f"`python -m bench.plan` estimates a grid's cost")
     if cfg.eval.grid_images < 0:
         raise ConfigError(f"eval.grid_images must be >= 0; got {cfg.eval.grid_images!r}")
     steps = list(cfg.eval.steps)
@@ -170,14 +224,24 @@ def check_config(cfg: Any) -> None:
             except UnknownNameError as err:
                 raise ConfigError(f"{key}: {err}") from None
 
+    _check_prompts(cfg, spec)
+
     method_name = cfg.method.name
     _names_check("method", method_name, methods.names())
     try:
-        methods.make_config(method_name, **method_fields(cfg.method))
+        config = methods.make_config(method_name, **method_fields(cfg.method))
     except ImportError as err:
         raise ConfigError(f"method {method_name!r} is registered but cannot be imported: {err}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"method.{method_name}: {err}") from None
+    from bench.plan import NO_TRAINING
+
+    if method_name not in NO_TRAINING:
+        guidance = cfg.policy.guidance_scale if cfg.policy.guidance_scale is not None else spec.guidance_scale
+        need = min_update_nfe(config, k, 2 if guidance > 1.0 else 1)
+        if cfg.budget.nfe < need:
+            raise ConfigError(f"budget.nfe={cfg.budget.nfe} is smaller than one {method_name} update at K={k} "
+                              f"({need} NFEs); raise budget.nfe to at least {need}")
 
     _check_device(cfg.device)
     if cfg.get("adam_8bit", False):
@@ -203,6 +267,60 @@ def check_config(cfg: Any) -> None:
             raise ConfigError(f"model {spec.name!r}: {err}") from None
 
 
+def min_update_nfe(config: Any, train_steps: int, nfe_per_predict: int) -> int:
+    """NFEs of the cheapest update the method can make: its Config's own ``min_update_nfe(K, nfe_per_predict)``
+    when it defines one, else the floor every training method shares (one sampled trajectory of K steps and one
+    gradient NFE)."""
+    own = getattr(config, "min_update_nfe", None)
+    if callable(own):
+        return int(own(train_steps, nfe_per_predict))
+    return train_steps * nfe_per_predict + 1
+
+
+def _eval_split_names(cfg: Any) -> list[str]:
+    return [str(s) for s in cfg.eval.get("splits", None) or ["eval"]]
+
+
+def _check_prompts(cfg: Any, spec: Any) -> None:
+    """The prompt sets exist for the model (the toy models and verifiers know only the toy world's words) and
+    every split the cell uses is non-empty."""
+    import tasks.prompts as prompts
+
+    toy = spec.family == "toy" or str(cfg.reward.name).startswith("toy") or any(
+        str(r).startswith("toy") for r in cfg.eval.rewards)
+    for key, name, splits in (("prompts", cfg.prompts, ["train"]), ("eval.prompts", cfg.eval.prompts,
+                                                                     _eval_split_names(cfg))):
+        try:
+            pset = prompts.load(name)
+        except Exception as err:  # noqa: BLE001 - a broken data file: one line
+            raise ConfigError(f"{key}: prompt set {name!r} cannot be read: {err}") from None
+        if toy:
+            words = _toy_unknown_words(pset)
+            if words:
+                ok = [n for n in (prompt_set_names() or []) if not _toy_unknown_words(prompts.load(n))]
+                why = f"model {spec.name} knows" if spec.family == "toy" else "the toy verifier rewards know"
+                raise ConfigError(f"{key}={name}: {why} only the toy world's words, and its prompts use "
+                                  f"{', '.join(repr(w) for w in words[:3])}; prompt sets that fit: {', '.join(ok)}")
+        for split in splits:
+            members = getattr(pset, split, None)
+            if members is not None and len(members) == 0:
+                raise ConfigError(f"{key}={name}: its {split!r} split is empty; choose a prompt set with "
+                                  f"{split} prompts")
+
+
+def _toy_unknown_words(pset: Any) -> list[str]:
+    from tasks.toy.world import VOCAB
+
+    vocab = set(VOCAB)
+    unknown: dict[str, None] = {}
+    for split in ("train", "val", "test", "eval", "test_hard"):
+        for prompt in getattr(pset, split, None) or []:
+            for word in prompt.lower().replace(",", " ").split():
+                if word not in vocab:
+                    unknown.setdefault(word)
+    return list(unknown)
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -219,6 +337,42 @@ def _check_device(device: str) -> None:
         raise ConfigError(f"device {device!r} requested but MPS is not available here; use device=cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"unsupported device {device!r}; use cpu, cuda, cuda:<i> or mps")
+
+
+def check_weights(cells: list[dict]) -> None:
+    """bench.plan's preflight for the weights the cells load (pipelines, training and evaluation rewards), before
+    any MLflow store is touched: ConfigError with one line naming each missing file and the command that fetches it."""
+    from bench.plan import check_pipeline, check_reward
+
+    problems = []
+    for model, path in dict.fromkeys((c["model"]["name"], c["model"].get("path")) for c in cells):
+        problems.append(check_pipeline(model, path))
+    rewards: dict[tuple, tuple[str, dict, bool]] = {}
+    for c in cells:
+        options = dict(c["reward"].get("options") or {})
+        rewards.setdefault((c["reward"]["name"], repr(sorted(options.items()))), (c["reward"]["name"], options, True))
+    for c in cells:
+        for name in c["eval"]["rewards"]:
+            if not any(key[0] == name for key in rewards):
+                rewards.setdefault((name, "[]"), (name, {}, False))
+    for name, options, training in rewards.values():
+        problems.extend(check_reward(name, options, training=training))
+    problems = [p for p in problems if p is not None]
+    if problems:
+        raise ConfigError(missing_line(problems))
+
+
+def missing_line(problems: list) -> str:
+    """bench.plan's Missing records on one line: what is missing and the command or override that provides it."""
+    parts = []
+    for m in problems:
+        if m.repo is None:
+            parts.append(f"{m.what}: {m.detail}")
+            continue
+        get = f"hf download {m.repo}" + (f" {m.filename}" if m.filename else "")
+        parts.append(f"{m.what}: not in the Hugging Face cache; fetch it with `{get}`"
+                     + (f" or pass {m.local}" if m.local else ""))
+    return "weights missing, nothing was loaded or logged: " + "; ".join(parts)
 
 
 def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:

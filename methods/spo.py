@@ -163,6 +163,13 @@ class Config:
         before the last, so K >= start_step + 2. The harness marks smaller-K cells "n/a" (bench.grid)."""
         return self.start_step + 2
 
+    def min_update_nfe(self, train_steps: int, nfe_per_predict: int) -> int:
+        """NFEs of the cheapest policy update (the harness refuses a smaller budget before anything loads): one
+        resampler round plus the two gradient NFEs of a pair, as the training loop's budget check counts it."""
+        branch = list(range(self.start_step, train_steps - 1))
+        return (resampler_nfe(self.prompts_per_round, train_steps, self.num_candidates, branch, nfe_per_predict)
+                + 2 * nfe_per_predict)
+
     @classmethod
     def search_space(cls) -> dict[str, tuple]:
         return {
