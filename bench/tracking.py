@@ -306,6 +306,14 @@ class Tracker:
         self.history.append((int(step), metrics))
         self._run.log_metrics(metrics, step=int(step))
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact a method hands over (e.g. where its preference pairs came from)."""
+        self._run.log_text(text, artifact_file)
+
+    def log_artifact(self, local_path: str | Path, artifact_dir: str | None = None) -> None:
+        """A file a method hands over (e.g. its trained preference model), stored with the run."""
+        self._run.log_artifact(local_path, artifact_dir)
+
     @contextlib.contextmanager
     def progress(self, total: int, desc: str) -> Iterator[Callable[..., None]]:
         from tqdm.auto import tqdm

@@ -7,7 +7,8 @@
 
 Every method module defines `@dataclass class Config` (one docstring per field, paper defaults,
 `search_space()` classmethod, optional `presets = {"toy": {...}}` ClassVar), a pure `loss(...)`, and a
-method class `<Name>Method` whose constructor takes the Config. Registration is by lazy import so heavy
+method class `<Name>Method` whose constructor takes the Config, and which names its paper (`paper`) and every way the
+row departs from it (`deviations`, the README's "row vs paper" table). Registration is by lazy import so heavy
 dependencies load only when a method is used.
 """
 
@@ -24,7 +25,8 @@ from .common import Budget, BudgetExhausted, NullTracker, PerPromptStatTracker, 
 
 __all__ = [
     "Budget", "BudgetExhausted", "Method", "NullTracker", "PerPromptStatTracker", "Task", "Tracker",
-    "UnknownNameError", "config_class", "load", "make_config", "names", "presets",
+    "UnknownNameError", "config_class", "deviation_rows", "deviations_markdown", "load", "make_config", "names",
+    "presets",
 ]
 
 
@@ -45,38 +47,36 @@ class Method(Protocol):
 
 
 class _Lazy:
-    """A registry entry resolving `module` lazily to the first attribute of `attrs` that exists.
+    """A registry entry resolving `module`.`attr` (the method class, spelled `<Name>Method`) on first use."""
 
-    The contract names method classes `<Name>Method`; the bare `<Name>` is accepted too so that a file
-    written to either spelling registers without edits here.
-    """
-
-    def __init__(self, module: str, *attrs: str):
-        self.module, self.attrs = module, attrs
+    def __init__(self, module: str, attr: str):
+        self.module, self.attr = module, attr
 
     def __call__(self) -> type:
         mod = importlib.import_module(self.module)
-        for attr in self.attrs:
-            if hasattr(mod, attr):
-                return getattr(mod, attr)
-        raise ImportError(f"{self.module} defines none of {', '.join(self.attrs)} (the method class)")
+        if not hasattr(mod, self.attr):
+            raise ImportError(f"{self.module} defines no {self.attr} (the method class)")
+        return getattr(mod, self.attr)
 
 
 _REGISTRY = Registry("method")
-for _name, _module, _attrs in [
-    ("base", "methods.base", ("BaseMethod", "Base")),
-    ("ddpo", "methods.ddpo", ("DDPOMethod", "DDPO")),
-    ("inference_scaling", "methods.inference_scaling", ("InferenceScalingMethod", "InferenceScaling")),
-    ("diffusion_dpo", "methods.diffusion_dpo", ("DiffusionDPOMethod", "DiffusionDPO")),
-    ("pso", "methods.pso", ("PSOMethod", "PSO")),
-    ("spo", "methods.spo", ("SPOMethod", "SPO")),
-    ("spo_reward_x0", "methods.spo", ("SPORewardX0",)),
-    ("sft", "methods.sft", ("SFTMethod", "SFT")),
-    ("sdpo", "methods.sdpo", ("SDPOMethod", "SDPO")),
-    ("sharpening", "methods.sharpening", ("SharpeningMethod", "DiffusionSharpeningMethod", "Sharpening")),
-    ("sharpening_sft", "methods.sharpening", ("SharpeningSFTMethod",)),
+for _name, _module, _attr in [
+    ("base", "methods.base", "BaseMethod"),
+    ("ddpo", "methods.ddpo", "DDPOMethod"),
+    ("inference_scaling", "methods.inference_scaling", "InferenceScalingMethod"),
+    ("diffusion_dpo", "methods.diffusion_dpo", "DiffusionDPOMethod"),
+    ("diffusion_dpo_online", "methods.diffusion_dpo", "DiffusionDPOOnlineMethod"),
+    ("pso", "methods.pso", "PSOMethod"),
+    ("pso_offline", "methods.pso", "PSOOfflineMethod"),
+    ("spo", "methods.spo", "SPOMethod"),
+    ("spo_reward_x0", "methods.spo", "SPORewardX0Method"),
+    ("sft", "methods.sft", "SFTMethod"),
+    ("sdpo", "methods.sdpo", "SDPOMethod"),
+    ("sdpo_t_eq_k", "methods.sdpo", "SDPOTEqKMethod"),
+    ("sharpening", "methods.sharpening", "SharpeningMethod"),
+    ("sharpening_sft", "methods.sharpening", "SharpeningSFTMethod"),
 ]:
-    _REGISTRY.register(_name, _Lazy(_module, *_attrs))
+    _REGISTRY.register(_name, _Lazy(_module, _attr))
 
 
 def names() -> list[str]:
@@ -107,6 +107,28 @@ def presets(name: str) -> dict[str, dict[str, Any]]:
 def make_config(name: str, preset: str | None = None, **overrides) -> Any:
     """Method `name`'s Config: defaults, then `preset`'s values, then `overrides`. Unknown keys -> ValueError."""
     return build_config(config_class(name), preset, **overrides)
+
+
+def deviation_rows(names_: list[str] | None = None) -> list[dict[str, str]]:
+    """The "row vs paper" table: one dict (method, paper, deviation, reason, file) per deviation of every registered
+    method (or of `names_`), read from each class's `paper` / `deviations` (methods.common.Deviation). The README
+    table and the report's section are both made from it."""
+    rows = []
+    for name in names_ if names_ is not None else names():
+        cls = method_class(name)
+        for dev in getattr(cls, "deviations", ()):
+            rows.append({"method": name, "paper": getattr(cls, "paper", ""), "deviation": dev.what, "reason": dev.why,
+                         "file": dev.where})
+    return rows
+
+
+def deviations_markdown(names_: list[str] | None = None) -> str:
+    """`deviation_rows` as a Markdown table (what `python -m methods.deviations` prints for the README)."""
+    lines = ["| row | paper | deviation from the paper | reason | where |", "| --- | --- | --- | --- | --- |"]
+    for row in deviation_rows(names_):
+        cells = [row["method"], row["paper"], row["deviation"], row["reason"], f"`{row['file']}`"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def load(name: str, preset: str | None = None, **overrides) -> Method:

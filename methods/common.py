@@ -142,6 +142,8 @@ class NullTracker:
 
     def __init__(self):
         self.records: list[tuple[int, dict[str, float]]] = []
+        self.texts: dict[str, str] = {}
+        self.artifacts: list[tuple[Path, str | None]] = []
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.records.append((int(step), {k: float(v) for k, v in metrics.items()}))
@@ -149,6 +151,12 @@ class NullTracker:
     @contextlib.contextmanager
     def progress(self, total: int, desc: str) -> Iterator[Callable[[int], None]]:
         yield lambda n=1: None
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.texts[artifact_file] = text
+
+    def log_artifact(self, local_path: str | Path, artifact_dir: str | None = None) -> None:
+        self.artifacts.append((Path(local_path), artifact_dir))
 
     def series(self, key: str) -> list[float]:
         """All logged values of one metric, in order."""
@@ -158,12 +166,42 @@ class NullTracker:
         return [s for s, m in self.records if key in m]
 
 
+def log_text(tracker: Any, text: str, artifact_file: str) -> None:
+    """Hand a text file (e.g. where a method's training pairs came from) to the tracker, which stores it as a run
+    artifact; a tracker without artifacts drops it. Methods never know where results go."""
+    fn = getattr(tracker, "log_text", None)
+    if fn is not None:
+        fn(text, artifact_file)
+
+
+def log_artifact(tracker: Any, local_path: str | Path, artifact_dir: str | None = None) -> None:
+    """Hand a file (e.g. a trained preference model) to the tracker to store with the run; dropped if it cannot."""
+    fn = getattr(tracker, "log_artifact", None)
+    if fn is not None:
+        fn(local_path, artifact_dir)
+
+
 def progress(tracker: Any, total: int, desc: str) -> ContextManager[Callable[[int], None]]:
     """`tracker.progress(...)` if the tracker has one, else a no-op (progress display is optional)."""
     fn = getattr(tracker, "progress", None)
     if fn is None:
         return contextlib.nullcontext(lambda n=1: None)
     return fn(total, desc)
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """One way a leaderboard row differs from the paper it is named after (the "row vs paper" table).
+
+    Every method class carries `paper: ClassVar[str]` (the citation) and `deviations: ClassVar[tuple[Deviation, ...]]`;
+    the README table and the report's section both read them (`methods.deviation_rows()`), so they cannot drift."""
+
+    what: str
+    """how the row's algorithm or setting differs from the paper's (the paper's value named)"""
+    why: str
+    """the reason it is kept"""
+    where: str
+    """the file (and field) that holds it"""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -396,4 +396,3 @@ class DDPOMethod:
         return metrics
 
 
-DDPO = DDPOMethod

@@ -2,11 +2,14 @@
 
 The implicit reward of an image is how much better the fine-tuned model denoises it than the frozen reference
 does; the loss pushes that margin up for the preferred image relative to the dispreferred one (spec
-dpo-spo-pso.md §2). Two pair sources:
+dpo-spo-pso.md §2). Pair sources:
 
-- "offline": (prompt, winner, loser) images from a preference dataset on disk (Pick-a-Pic v2 layout; the toy
-  world writes one with `python -m tasks.toy.preferences`), encoded to latents (§2.3, §2.5);
-- "online": pairs sampled from the *current* policy and ranked by the task reward (§2.7a, toy recipe 2).
+- "offline" (the paper, the default): a FIXED preference set. With `dataset` set, (prompt, winner, loser) images of
+  a preference dataset on disk (Pick-a-Pic v2 layout; `python -m tasks.toy.preferences` writes a toy one), encoded
+  to latents (§2.3, §2.5). Without one, the set is built once before training from samples of the initial model
+  labelled by the task reward (`preference_data.BaseSamplePreferences`; its source is logged as a run artifact);
+- "online": pairs sampled from the *current* policy and ranked by the task reward (§2.7a, toy recipe 2): the
+  `diffusion_dpo_online` row, a labelled adaptation.
 
 Algorithm (one optimizer update):
     pairs (x0_w, x0_l, c)  <- source
@@ -40,6 +43,7 @@ import torch
 
 from methods.common import (
     Budget,
+    Deviation,
     Task,
     Tracker,
     build_optimizer,
@@ -50,13 +54,13 @@ from methods.common import (
     generator,
 )
 from methods.preference_data import (
-    OfflineDatasetPairs,
     OnlineRewardPairs,
     check_run_length,
     denoising_errors,
     describe,
     draw_timesteps,
     grid_timesteps,
+    offline_pairs,
     own_noise,
 )
 
@@ -67,10 +71,15 @@ log = logging.getLogger(__name__)
 class Config:
     """Diffusion-DPO knobs; defaults follow the official code / diffusers DPO script for SDXL-Turbo (§2.5)."""
 
-    source: str = "online"
-    """"online": pairs from the current policy ranked by the task reward (§2.7a); "offline": pairs from `dataset`."""
+    source: str = "offline"
+    """"offline": a fixed preference set (the paper): `dataset`, else base samples labelled by the reward; "online":
+    pairs from the current policy ranked by the task reward (§2.7a, the diffusion_dpo_online row)."""
     dataset: str | None = None
-    """offline only: a preference dataset (parquet/jsonl file or folder; Pick-a-Pic v2 columns accepted)."""
+    """offline: a preference dataset (parquet/jsonl file or folder; Pick-a-Pic v2 columns accepted); None = build the
+    set from `base_samples_per_prompt` samples of the initial model per training prompt, labelled by the reward."""
+    base_samples_per_prompt: int = 8
+    """offline without a dataset: initial-model samples per training prompt; every within-prompt pair with a reward
+    gap > min_reward_gap is a preference pair (Pick-a-Pic: ~14 images per prompt)."""
     beta: float = 5000.0
     """KL strength beta_code (absorbs T*omega(lambda_t), the 1/2 and the element mean); 5000 in every launcher."""
     lr: float = 1e-5
@@ -121,13 +130,12 @@ class Config:
     """train every denoiser weight (official DPO runs, the toy recipes) instead of LoRA; read by the harness."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # toy recipe 2 with the suggestions it lists: reflow-paired noise, every grid step per pair, 8 samples
-        # per prompt, an SFT term on winners. Expect "no significant change" from the fresh-noise paper form.
-        # micro_batch: 64 pairs x 4 timesteps x 2 = 512 UNet rows in one backward peaked at 3.0 GB RSS on the CPU;
-        # chunks of 16 pairs peak at 1.3 GB and take half the CPU time (bench/perf.py). Memory only: non_semantic.
-        "toy": dict(lr=5e-5, beta=5000.0, pairs_per_update=64, prompts_per_round=36, samples_per_prompt=8,
-                    updates_per_round=8, noise="own", timesteps_per_pair=4, weight_decay=0.0, optimizer="adam",
-                    full_finetune=True, micro_batch=16),
+        # toy world, the paper's algorithm: a fixed set of base-sample pairs (8 samples per training prompt, labelled
+        # by the verifier), one fresh eps and one grid t per pair shared by winner and loser; toy-recipes.md's
+        # optimizer (full fine-tune, Adam) and the online row's lr / batch. micro_batch is memory only (non_semantic).
+        "toy": dict(source="offline", base_samples_per_prompt=8, lr=5e-5, beta=5000.0, pairs_per_update=64,
+                    noise="fresh", timesteps_per_pair=1, weight_decay=0.0, optimizer="adam", full_finetune=True,
+                    micro_batch=16),
     }
     non_semantic: ClassVar[tuple[str, ...]] = ("micro_batch",)
     """Fields that do not change the result (excluded from a cell's identity)."""
@@ -138,11 +146,11 @@ class Config:
         check_choice("noise", self.noise, ("fresh", "own"))
         check_choice("pairing", self.pairing, ("all", "best_worst"))
         check_positive(self, "beta", "lr", "pairs_per_update", "timesteps_per_pair", "prompts_per_round",
-                       "updates_per_round", "lora_rank", "max_updates")
+                       "updates_per_round", "lora_rank", "max_updates", "base_samples_per_prompt")
         check_positive(self, "micro_batch", "sft_weight", "caption_dropout", "min_reward_gap", "sample_eta",
                        "weight_decay", allow_zero=True)
-        if self.source == "offline" and not self.dataset:
-            raise ValueError("source='offline' needs dataset=<path to a preference dataset>")
+        if self.source == "offline" and not self.dataset and self.base_samples_per_prompt < 2:
+            raise ValueError(f"base_samples_per_prompt must be >= 2 to form pairs; got {self.base_samples_per_prompt}")
         if self.source == "offline" and self.noise == "own":
             raise ValueError("noise='own' needs the sample's own starting noise: only source='online' has it")
         if self.samples_per_prompt < 2:
@@ -189,11 +197,27 @@ def update_nfe(num_pairs: int, timesteps_per_pair: int, nfe_per_predict: int) ->
     return 4 * num_pairs * timesteps_per_pair * nfe_per_predict
 
 
-class DiffusionDPO:
+class DiffusionDPOMethod:
     """Diffusion-DPO, offline or online; `generate` is the shared deterministic sampler."""
 
     name: ClassVar[str] = "diffusion_dpo"
     Config = Config
+    paper: ClassVar[str] = "Wallace et al., Diffusion Model Alignment Using Direct Preference Optimization, arXiv 2311.12908"
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("without a dataset, the fixed preference set is built from 8 samples per training prompt of the "
+                  "initial model labelled by the task reward (paper: Pick-a-Pic v2, human labels)",
+                  "the toy world has no human preference set and the task gives prompts, not images; the set's source "
+                  "is logged with every run (diffusion_dpo/pairs_source.json)",
+                  "methods/preference_data.py BaseSamplePreferences; methods/diffusion_dpo.py Config.dataset"),
+        Deviation("building the set is charged to the cell's NFE and reward-call budget (paper: a free dataset)",
+                  "equal compute across rows", "methods/diffusion_dpo.py _train_offline"),
+        Deviation("t from the model's own K-step grid, no zero-terminal-SNR rescale (official turbo mode rescales)",
+                  "the diffusers --is_turbo path; the grid of the cell's K is the turbo grid at K = 4",
+                  "methods/diffusion_dpo.py Config.timesteps"),
+        Deviation("toy recipe: v-prediction target, Adam lr 5e-5, full fine-tune, 64 pairs per update (paper: eps "
+                  "target, AdamW 2.048e-5 / LoRA 1e-5, 16 pairs)", "the toy denoiser predicts v; toy-recipes.md's "
+                  "optimizer", "methods/preference_data.py denoising_target; methods/diffusion_dpo.py presets"),
+    )
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()
@@ -243,16 +267,13 @@ class DiffusionDPO:
 
     def _train_offline(self, policy, task, budget, tracker, optimizer, params, grid, cost, gen) -> None:
         cfg = self.config
-        data = OfflineDatasetPairs(cfg.dataset, resolution=policy.resolution, random_flip=cfg.random_flip)
+        data = offline_pairs(cfg, policy, task, budget, tracker, gen, self.name)
         order: list[int] = []
         while budget.fits(nfe=cost) and not self._done():
-            if len(order) < cfg.pairs_per_update:  # reshuffle each pass over the dataset
+            if len(order) < cfg.pairs_per_update:  # reshuffle each pass over the fixed set
                 order += torch.randperm(len(data), generator=gen).tolist()
             rows, order = order[: cfg.pairs_per_update], order[cfg.pairs_per_update :]
-            prompts, images_w, images_l = data.batch(rows, gen)
-            with torch.no_grad():
-                x0 = policy.encode_images(torch.cat([images_w, images_l]).to(task.device)).float()
-            x0_w, x0_l = x0.chunk(2)
+            prompts, x0_w, x0_l = data.latent_batch(rows, policy, gen)
             metrics = self._update(policy, optimizer, params, x0_w, x0_l, prompts, grid, gen)
             budget.spend(grad_nfe=cost)
             tracker.log_metrics(metrics, step=budget.total_nfe)
@@ -317,3 +338,40 @@ class DiffusionDPO:
     def generate(self, policy, prompts: list[str], num_steps: int, *, noise: torch.Tensor,
                  budget: Budget | None = None) -> tuple[torch.Tensor, int]:
         return default_generate(policy, prompts, num_steps, noise=noise, budget=budget)
+
+
+@dataclass
+class OnlineConfig(Config):
+    """Diffusion-DPO on online pairs (§2.7a): each round samples the current policy, ranks its samples by the task
+    reward and trains on within-prompt pairs; the `diffusion_dpo_online` row, a labelled adaptation of the paper."""
+
+    source: str = "online"
+    """"online": pairs from the current policy ranked by the task reward (this row); "offline": a fixed set."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # toy recipe 2 with the suggestions it lists: reflow-paired noise, every grid step per pair, 8 samples
+        # per prompt, an SFT term on winners. Expect "no significant change" from the fresh-noise paper form.
+        # micro_batch: 64 pairs x 4 timesteps x 2 = 512 UNet rows in one backward peaked at 3.0 GB RSS on the CPU;
+        # chunks of 16 pairs peak at 1.3 GB and take half the CPU time (bench/perf.py). Memory only: non_semantic.
+        "toy": dict(lr=5e-5, beta=5000.0, pairs_per_update=64, prompts_per_round=36, samples_per_prompt=8,
+                    updates_per_round=8, noise="own", timesteps_per_pair=4, weight_decay=0.0, optimizer="adam",
+                    full_finetune=True, micro_batch=16),
+    }
+
+
+class DiffusionDPOOnlineMethod(DiffusionDPOMethod):
+    """Diffusion-DPO with source="online" by default (see OnlineConfig)."""
+
+    name: ClassVar[str] = "diffusion_dpo_online"
+    Config = OnlineConfig
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("online pairs: each round samples the CURRENT policy and ranks by the task reward (paper: a fixed "
+                  "offline preference dataset)", "the usual few-step baseline form (§2.7a); compare with the "
+                  "offline diffusion_dpo row", "methods/diffusion_dpo.py OnlineConfig.source"),
+        Deviation("toy recipe: each sample's own starting noise z instead of one fresh eps shared by winner and loser",
+                  "the reflow pairing (z, x0) of a deterministic sample (toy-recipes.md suggestion)",
+                  "methods/diffusion_dpo.py Config.noise"),
+        Deviation("toy recipe: all 4 grid timesteps per pair averaged inside the sigmoid (paper: one t per pair)",
+                  "a lower-variance estimate of the same margin", "methods/diffusion_dpo.py Config.timesteps_per_pair"),
+        *DiffusionDPOMethod.deviations[2:],
+    )

@@ -310,4 +310,3 @@ def _noise_seed(noise: torch.Tensor, seed: int) -> int:
     return (checksum + 1_000_003 * int(seed)) % (2**63 - 1)
 
 
-InferenceScaling = InferenceScalingMethod

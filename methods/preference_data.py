@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from methods.common import sample_nfe
+from methods.common import log_text, sample_nfe
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
 # The forward-process denoising error (shared by diffusion_dpo, pso offline, sft)
@@ -352,6 +355,22 @@ class OfflineDatasetPairs:
             images_l[flip] = images_l[flip].flip(-1)
         return rows["prompt"].tolist(), images_w, images_l
 
+    def prompts_of(self, indices: Sequence[int]) -> list[str]:
+        return self.frame["prompt"].iloc[list(indices)].tolist()
+
+    @property
+    def source(self) -> str:
+        return f"preference dataset {self.path} ({len(self)} pairs)"
+
+    @torch.no_grad()
+    def latent_batch(self, indices: Sequence[int], policy, generator: torch.Generator | None = None
+                     ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """(prompts, x0_w, x0_l): the pairs' images encoded by the policy's VAE (identity-like on the toy)."""
+        prompts, images_w, images_l = self.batch(indices, generator)
+        x0 = policy.encode_images(torch.cat([images_w, images_l]).to(policy.device)).float()
+        x0_w, x0_l = x0.chunk(2)
+        return prompts, x0_w, x0_l
+
     def targets_for(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
         """One random winner image of each given prompt (B, 3, H, W) (offline PSO targets)."""
         by_prompt = self.frame.groupby("prompt").indices
@@ -362,6 +381,106 @@ class OfflineDatasetPairs:
             options = by_prompt[p]
             rows.append(int(options[int(torch.randint(len(options), (1,), generator=generator))]))
         return self.batch(rows, generator)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A fixed preference set from samples of the initial model, labelled by the reward (offline, no dataset at hand)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class BaseSamplePreferences:
+    """An offline preference set built ONCE, before training, from the *initial* model (adapters disabled):
+    `per_prompt` deterministic samples of each training prompt at the cell's K steps, scored by the task reward, and
+    every ordered within-prompt pair with reward(winner) - reward(loser) > min_gap (`form_pairs`). It stays fixed
+    for the whole run, like Pick-a-Pic for Diffusion-DPO: the toy world's stand-in for a human preference dataset
+    ("AI feedback" labels, spec dpo-spo-pso.md §2.3). Rows are pairs; `latent_batch` gives their clean latents.
+
+    Cost (spent once, in `build`): len(prompts) * per_prompt * K * nfe_per_predict sampling NFEs and as many reward
+    calls as samples. `source` says where the pairs came from; methods log it (`methods.common.log_text`).
+    """
+
+    def __init__(self, *, per_prompt: int, num_steps: int, eta: float = 0.0, kernel: str | None = None,
+                 min_gap: float = 0.0):
+        if per_prompt < 2:
+            raise ValueError(f"base-sample preferences need per_prompt >= 2 samples to form pairs; got {per_prompt}")
+        self.per_prompt, self.num_steps, self.eta, self.kernel, self.min_gap = per_prompt, num_steps, eta, kernel, min_gap
+        self.latents = torch.zeros(0)
+        self.rewards = torch.zeros(0)
+        self.row_prompts: list[str] = []
+        self.win = self.lose = torch.zeros(0, dtype=torch.long)
+        self.source = ""
+
+    def cost(self, num_prompts: int, nfe_per_predict: int) -> tuple[int, int]:
+        """(sampling NFEs, reward calls) of `build` over `num_prompts` prompts."""
+        n = num_prompts * self.per_prompt
+        return n * self.num_steps * nfe_per_predict, n
+
+    @torch.no_grad()
+    def build(self, policy, prompts: Sequence[str], reward, budget, generator: torch.Generator,
+              batch_size: int = 256) -> BaseSamplePreferences:
+        from methods import sampling
+
+        prompts = list(dict.fromkeys(prompts))
+        nfe, calls = self.cost(len(prompts), policy.nfe_per_predict)
+        budget.require(nfe=nfe, reward_calls=calls)
+        rows = [p for p in prompts for _ in range(self.per_prompt)]
+        latents, rewards = [], []
+        with policy.reference():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                traj = sampling.sample(policy, chunk, self.num_steps, generator=generator, eta=self.eta,
+                                       kernel=self.kernel, record=False)
+                latents.append(traj.final_latents.float().cpu())
+                rewards.append(torch.as_tensor(reward(traj.images, chunk), dtype=torch.float32).detach().cpu().reshape(-1))
+        budget.spend(sample_nfe=nfe, reward_calls=calls)
+        self.latents, self.rewards, self.row_prompts = torch.cat(latents), torch.cat(rewards), rows
+        groups = torch.arange(len(prompts)).repeat_interleave(self.per_prompt)
+        self.win, self.lose = form_pairs(self.rewards, groups, pairing="all", min_gap=self.min_gap)
+        if len(self.win) == 0:
+            raise ValueError(f"no preference pairs: every one of the {len(prompts)} prompts' {self.per_prompt} base "
+                             "samples tied on the reward; raise per_prompt or use a preference dataset")
+        reward_name = getattr(reward, "name", type(reward).__name__)
+        self.source = (f"base samples: {self.per_prompt} per prompt x {len(prompts)} training prompts from the initial "
+                       f"model (adapters disabled) at K={self.num_steps}, eta={self.eta}, labelled by reward "
+                       f"{reward_name!r}; {len(self.win)} ordered pairs with a reward gap > {self.min_gap}")
+        return self
+
+    def __len__(self) -> int:
+        return int(self.win.numel())
+
+    def prompts_of(self, indices: Sequence[int]) -> list[str]:
+        return [self.row_prompts[int(self.win[i])] for i in indices]
+
+    def latent_batch(self, indices: Sequence[int], policy, generator: torch.Generator | None = None
+                     ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """(prompts, x0_w, x0_l) of pairs `indices`, latents (B, C, h, w) float32 on the policy's device."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        w, l = self.win[index], self.lose[index]
+        return (self.prompts_of(indices), self.latents[w].to(policy.device), self.latents[l].to(policy.device))
+
+    def summary(self) -> dict[str, Any]:
+        """What the set is made of (logged beside `source`)."""
+        return {"source": self.source, "pairs": len(self), "samples": len(self.row_prompts),
+                "reward_mean": float(self.rewards.mean()), "reward_gap_mean": float(
+                    (self.rewards[self.win] - self.rewards[self.lose]).mean()) if len(self) else 0.0}
+
+
+def offline_pairs(cfg, policy, task, budget, tracker, gen: torch.Generator, name: str):
+    """The fixed preference set of an offline run: `cfg.dataset` on disk, else base samples of the initial model
+    labelled by the task reward (built now, charged to the budget). Its source goes to the tracker as a JSON artifact
+    `<name>/pairs_source.json` and its size as train/offline_pairs."""
+    if cfg.dataset:
+        data = OfflineDatasetPairs(cfg.dataset, resolution=policy.resolution, random_flip=cfg.random_flip)
+        info = {"source": data.source, "pairs": len(data)}
+    else:
+        data = BaseSamplePreferences(per_prompt=cfg.base_samples_per_prompt, num_steps=task.train_steps,
+                                     kernel=getattr(cfg, "kernel", None), min_gap=getattr(cfg, "min_reward_gap", 0.0))
+        data.build(policy, task.prompts, task.reward, budget, gen)
+        info = data.summary()
+    log.info("%s pairs: %s", name, info["source"])
+    log_text(tracker, json.dumps(info, indent=1), f"{name}/pairs_source.json")
+    tracker.log_metrics({"train/offline_pairs": float(len(data))}, step=budget.total_nfe)
+    return data
 
 
 # ----------------------------------------------------------------------------------------------------------

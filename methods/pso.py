@@ -47,6 +47,7 @@ import torch
 from methods import sampling
 from methods.common import (
     Budget,
+    Deviation,
     Task,
     Tracker,
     build_optimizer,
@@ -57,7 +58,6 @@ from methods.common import (
     generator,
 )
 from methods.preference_data import (
-    OfflineDatasetPairs,
     OnlineRewardPairs,
     SelfSampleReferences,
     check_run_length,
@@ -65,6 +65,7 @@ from methods.preference_data import (
     describe,
     draw_timesteps,
     grid_timesteps,
+    offline_pairs,
 )
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,11 @@ class Config:
     """online: a pair needs reward(winner) - reward(loser) > this."""
     # --- offline ---
     dataset: str | None = None
-    """offline: preference dataset (targets = winners; losers used only with reference_source="dataset_loser")."""
+    """offline: preference dataset (targets = winners; losers used only with reference_source="dataset_loser");
+    None = a fixed set built from `base_samples_per_prompt` initial-model samples per prompt labelled by the reward."""
+    base_samples_per_prompt: int = 8
+    """offline without a dataset: initial-model samples per training prompt; the winners of their within-prompt
+    reward-ranked pairs are the targets (preference_data.BaseSamplePreferences)."""
     reference_source: str = "self"
     """offline: "self" = samples of the initial model (the paper); "dataset_loser" = the dataset's loser, which
     makes the "pso" variant Diffusion-DPO restricted to the grid."""
@@ -163,8 +168,8 @@ class Config:
             raise ValueError(f"clamp_eps must be in (0, 1); got {self.clamp_eps}")
         if self.mode == "online" and not self.sample_eta > 0:
             raise ValueError("online PSO needs stochastic transitions: sample_eta must be > 0")
-        if self.mode == "offline" and not self.dataset:
-            raise ValueError("mode='offline' needs dataset=<path to a preference dataset> (the targets)")
+        if self.mode == "offline" and not self.dataset and self.base_samples_per_prompt < 2:
+            raise ValueError(f"base_samples_per_prompt must be >= 2 to form pairs; got {self.base_samples_per_prompt}")
 
     def resolved(self) -> Config:
         """A copy with the None fields set to the mode's defaults."""
@@ -236,11 +241,20 @@ def trained_steps(traj) -> list[int]:
     return [k for k in range(traj.num_steps - 1) if bool(traj.stochastic[k])]
 
 
-class PSO:
+class PSOMethod:
     """Pairwise Sample Optimization, online or offline; `generate` is the shared deterministic sampler."""
 
     name: ClassVar[str] = "pso"
     Config = Config
+    paper: ClassVar[str] = "Miao et al., Tuning Timestep-Distilled Diffusion Model Using Pairwise Sample Optimization, arXiv 2410.03190"
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("toy recipe: 64 prompts per round, 16 pairs per update, Adam lr 3e-5, full fine-tune (SDXL-Turbo "
+                  "config: AdamW 1e-5, 8 pairs per update, LoRA)", "toy-recipes.md's optimizer; 16 pairs measured "
+                  "+0.065 vs +0.032 at 32", "methods/pso.py Config.presets['toy']"),
+        Deviation("the last grid step is never trained even where the kernel gives it a tiny std (DDIM)",
+                  "the official Euler-A / LCM kernels make it deterministic", "methods/pso.py trained_steps"),
+        Deviation("gradient clipping at 1.0 applied", "as configured officially", "methods/pso.py Config.grad_clip"),
+    )
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()
@@ -323,7 +337,7 @@ class PSO:
 
     # ------------------------------------------------------------------------------------------ offline
     def _train_offline(self, cfg, policy, task, budget, tracker, optimizer, params, gen) -> None:
-        data = OfflineDatasetPairs(cfg.dataset, resolution=policy.resolution, random_flip=cfg.random_flip)
+        data = offline_pairs(cfg, policy, task, budget, tracker, gen, self.name)
         references = SelfSampleReferences(per_prompt=cfg.references_per_prompt, num_steps=task.train_steps,
                                           eta=cfg.reference_eta, kernel=cfg.kernel)
         grid = grid_timesteps(policy, task.train_steps)
@@ -335,17 +349,16 @@ class PSO:
             if len(order) < cfg.pairs_per_update:
                 order += torch.randperm(len(data), generator=gen).tolist()
             rows = order[: cfg.pairs_per_update]
-            prompts = data.frame["prompt"].iloc[rows].tolist()
+            prompts = data.prompts_of(rows)
             ref_cost = references.missing_cost(prompts, npp) if cfg.reference_source == "self" else 0
             if not budget.fits(nfe=update_cost + ref_cost) or self._done(cfg):
                 return
             order = order[cfg.pairs_per_update :]
-            prompts, images_w, images_l = data.batch(rows, gen)
-            x0_target = policy.encode_images(images_w.to(task.device)).float()
+            prompts, x0_target, x0_loser = data.latent_batch(rows, policy, gen)
             if cfg.reference_source == "self":
                 x0_reference = references.draw(policy, prompts, budget, gen).to(task.device)
             else:
-                x0_reference = policy.encode_images(images_l.to(task.device)).float()
+                x0_reference = x0_loser
             metrics = self._offline_update(cfg, policy, optimizer, params, x0_target, x0_reference, prompts, grid, gen)
             budget.spend(grad_nfe=update_cost)
             tracker.log_metrics(metrics, step=budget.total_nfe)
@@ -380,3 +393,37 @@ class PSO:
     def generate(self, policy, prompts: list[str], num_steps: int, *, noise: torch.Tensor,
                  budget: Budget | None = None) -> tuple[torch.Tensor, int]:
         return default_generate(policy, prompts, num_steps, noise=noise, budget=budget)
+
+
+@dataclass
+class OfflineConfig(Config):
+    """PSO's offline form (§4.5) as its own grid entry `pso_offline`: targets vs samples of the initial distilled
+    model, one grid t and one eps per pair, the "pso_db" hinge of every released script."""
+
+    mode: str = "offline"
+    """"offline": targets from a fixed preference set vs the initial model's own samples (this row)."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # toy world: targets = winners of a fixed set of 8 initial-model samples per training prompt labelled by the
+        # verifier (no dataset); the personalization scripts' beta 5 / lambda 0.1 / prior 0.5; toy-recipes.md's
+        # optimizer with online PSO's 16 pairs per update and an lr between its 3e-5 and the scripts' 2e-4.
+        "toy": dict(mode="offline", base_samples_per_prompt=8, pairs_per_update=16, lr=5e-5, optimizer="adam",
+                    weight_decay=0.0, full_finetune=True),
+    }
+
+
+class PSOOfflineMethod(PSOMethod):
+    """PSO with mode="offline" by default (see OfflineConfig)."""
+
+    name: ClassVar[str] = "pso_offline"
+    Config = OfflineConfig
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("without a dataset, targets are the reward-winners among 8 initial-model samples per training "
+                  "prompt (paper: a target image set, e.g. preference winners or personalization photos)",
+                  "the toy world has no target image set; the set's source is logged with every run "
+                  "(pso_offline/pairs_source.json)", "methods/preference_data.py BaseSamplePreferences"),
+        Deviation("t is the actual sampling grid {999, 749, 499, 249} (official script: {750, 500, 250, 0})",
+                  "the script's index map looks like a bug (spec §4.5)", "methods/pso.py _offline_update"),
+        Deviation("toy recipe: Adam lr 5e-5, full fine-tune, 16 pairs per update (scripts: lr 2e-4, 4 pairs, LoRA)",
+                  "toy-recipes.md's optimizer", "methods/pso.py OfflineConfig.presets['toy']"),
+    )

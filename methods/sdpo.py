@@ -23,6 +23,7 @@ to match the paper.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from methods import sampling
 from methods.common import (
     Budget,
+    Deviation,
     PerPromptStatTracker,
     Task,
     Tracker,
@@ -47,6 +49,8 @@ from methods.common import (
     sample_nfe,
     save_checkpoint,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,13 +121,14 @@ class Config:
     """epochs between checkpoints when checkpoint_path is set (paper: every epoch)"""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # Toy world: the trajectory length follows the cell's K (the grid sets it; SDPO's long training
-        # trajectories mean a K of 8 or more) and DDPO-PP's optimizer settings from toy-recipes.md, tuned on
-        # 2026-12-05 (K = 4, 20k NFEs, gain in toy-all at S = 4 over n = 1,024 paired samples, seed 0):
+        # Toy world: training trajectories of T = 16 DDIM steps whatever the cell's K (the paper trains on T = 50 and
+        # evaluates at 1-8 steps; 16 keeps 5 epochs of 64 pairs inside the toy's 20k NFEs, T = 50 would leave one), and
+        # DDPO-PP's optimizer settings from toy-recipes.md, tuned on 2026-12-05 at T = K = 4 (20k NFEs, gain in
+        # toy-all at S = 4 over n = 1,024 paired samples, seed 0; now the `sdpo_t_eq_k` row):
         # - train_last_step=False: training it (std 0.006, never scored) gave -0.081 (lr 1e-4) and ~0 (lr 3e-5);
         #   without it +0.013 at both lrs;
         # - gradient_accumulation_steps=1 (an update per 16 pairs, 4x the updates): +0.051 (4.2 SE); at lr 1e-4 -0.020.
-        "toy": dict(num_steps=None, pairs_per_epoch=64, sample_batch_size=64, train_batch_size=16,
+        "toy": dict(num_steps=16, pairs_per_epoch=64, sample_batch_size=64, train_batch_size=16,
                     gradient_accumulation_steps=1, optimizer="adam", lr=3e-5, weight_decay=0.0,
                     full_finetune=True, num_epochs=None, train_last_step=False),
     }
@@ -274,6 +279,21 @@ class SDPOMethod:
 
     name: ClassVar[str] = "sdpo"
     Config = Config
+    paper: ClassVar[str] = "Zhang et al., Stepwise Diffusion Policy Optimization, arXiv 2411.11727"
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("toy recipe: training trajectories of T = 16 DDIM steps (paper: 50); real recipes keep 50",
+                  "T = 50 leaves one epoch inside the toy's 20k-NFE budget; 16 is the longest T with several",
+                  "methods/sdpo.py Config.presets['toy'] num_steps"),
+        Deviation("toy recipe: the last transition is not trained (paper code: every step)",
+                  "no scored x0-prediction depends on its action and its std is 0.006: it dominated the gradient "
+                  "and collapsed the model (-0.081 at S = 4)", "methods/sdpo.py Config.train_last_step"),
+        Deviation("toy recipe: Adam lr 3e-5, full fine-tune, 64 pairs/epoch, an update per 16 pairs (paper: AdamW "
+                  "1e-4, LoRA r4, 128 pairs/epoch, 64 pairs per update)",
+                  "toy-recipes.md's optimizer for a 1M-parameter denoiser; more, smaller updates measured better",
+                  "methods/sdpo.py Config.presets['toy']"),
+        Deviation("guidance is the model's own (paper: CFG 1 in training, i.e. none)",
+                  "the turbo models run without CFG already; the toy has none", "methods/sdpo.py (module docstring)"),
+    )
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()
@@ -317,8 +337,8 @@ class SDPOMethod:
         if budget.max_nfe is not None and epoch_nfe > budget.max_nfe:
             raise ValueError(f"the budget ({budget.max_nfe} NFEs) is smaller than one SDPO epoch ({epoch_nfe} NFEs: "
                              f"{cost}); lower pairs_per_epoch or num_steps, or raise the budget")
-        print(f"sdpo: T={num_steps} steps ({num_trained} trained per pair), {cfg.pairs_per_epoch} pairs/epoch, "
-              f"epoch cost {cost}")
+        log.info("sdpo: T=%d steps (%d trained per pair, the cell's K=%d), %d pairs/epoch, epoch cost %s", num_steps,
+                 num_trained, task.train_steps, cfg.pairs_per_epoch, cost)
 
         epoch = 0
         if cfg.checkpoint_path and Path(cfg.checkpoint_path).exists():
@@ -503,4 +523,27 @@ def score_steps(policy, reward, x0_preds: torch.Tensor, steps: torch.Tensor, pro
     return values[inverse].view(steps.shape)
 
 
-SDPO = SDPOMethod
+
+@dataclass
+class TEqKConfig(Config):
+    """SDPO trained on trajectories of the cell's own K steps (T = K), a labelled adaptation of the paper (which trains
+    on T = 50 and evaluates at fewer steps): its own grid entry `sdpo_t_eq_k`, to show what the long trajectory buys."""
+
+    num_steps: int | None = None
+    """training trajectory length T; None = the cell's task.train_steps (this row's definition: T = K)"""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"toy": {**Config.presets["toy"], "num_steps": None}}
+
+
+class SDPOTEqKMethod(SDPOMethod):
+    """SDPO with T = K (see TEqKConfig): at K = 4 the lambda^i weights are 1 / 0.99 / 0.98 and only the anchor step is
+    interpolated, so it is close to a paired DDPO."""
+
+    name: ClassVar[str] = "sdpo_t_eq_k"
+    Config = TEqKConfig
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("training trajectories of T = K steps (paper: T = 50, evaluated at 1-8)",
+                  "the adaptation every other method gets (train at K); shows what SDPO's long trajectory buys",
+                  "methods/sdpo.py TEqKConfig.num_steps"),
+        *SDPOMethod.deviations[1:],
+    )

@@ -130,7 +130,7 @@ def select(rewards: torch.Tensor, groups: torch.Tensor, selection: str, min_rewa
     return torch.tensor(keep, dtype=torch.long)
 
 
-class SFT:
+class SFTMethod:
     """Reward-filtered SFT on the policy's own samples; `generate` is the shared deterministic sampler."""
 
     name: ClassVar[str] = "sft"

@@ -428,7 +428,6 @@ class SharpeningMethod:
                 advance(1)
 
 
-Sharpening = SharpeningMethod
 
 
 @dataclass

@@ -490,7 +490,7 @@ def step_log_probs(policy, pairs: StepPairs, index: torch.Tensor, kernel: str, e
             sampling.gaussian_log_prob(pairs.lose[index].to(device), mean, std))
 
 
-class SPO:
+class SPOMethod:
     """Step-by-step preference optimisation with a step-aware preference model; `generate` is the shared sampler."""
 
     name: ClassVar[str] = "spo"
@@ -636,7 +636,7 @@ class RewardX0Config(Config):
     }
 
 
-class SPORewardX0(SPO):
+class SPORewardX0Method(SPOMethod):
     """SPO with preference_model="reward_x0" by default (see RewardX0Config)."""
 
     name: ClassVar[str] = "spo_reward_x0"

@@ -136,9 +136,9 @@ def test_own_noise_is_the_sampling_noise():
 def test_online_smoke_budget_and_adapters(noise, timesteps_per_pair):
     policy = tiny_policy()
     before = policy.adapter_state_dict()
-    method = methods.load("diffusion_dpo", prompts_per_round=2, samples_per_prompt=2, pairs_per_update=2,
+    method = methods.load("diffusion_dpo_online", prompts_per_round=2, samples_per_prompt=2, pairs_per_update=2,
                           updates_per_round=1, lr=1e-2, noise=noise, timesteps_per_pair=timesteps_per_pair)
-    assert isinstance(method, diffusion_dpo.DiffusionDPO)
+    assert isinstance(method, diffusion_dpo.DiffusionDPOOnlineMethod) and method.config.source == "online"
     # hand count: a round samples 2 prompts x 2 images x K=2 steps = 8 NFEs and makes 4 reward calls; an update
     # runs winner + loser through policy and reference at every timestep: 4 x 2 pairs x T NFEs.
     update = 4 * 2 * timesteps_per_pair
@@ -165,8 +165,8 @@ def test_offline_smoke_budget(tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="dataset"):
-        methods.load("diffusion_dpo", source="offline")
+    with pytest.raises(ValueError, match="base_samples_per_prompt"):
+        methods.load("diffusion_dpo", base_samples_per_prompt=1)
     with pytest.raises(ValueError, match="own"):
         methods.load("diffusion_dpo", source="offline", dataset="x", noise="own")
     with pytest.raises(ValueError, match="betta"):
@@ -177,10 +177,68 @@ def test_config_errors():
 
 def test_max_updates_and_unlimited_budget():
     policy = tiny_policy()
-    method = methods.load("diffusion_dpo", prompts_per_round=2, samples_per_prompt=2, pairs_per_update=2,
+    method = methods.load("diffusion_dpo_online", prompts_per_round=2, samples_per_prompt=2, pairs_per_update=2,
                           updates_per_round=3, max_updates=2)
     budget = Budget(max_nfe=None)
     method.train(policy, Task(PROMPTS, RedReward(), train_steps=2, seed=0), budget, NullTracker())
     assert (budget.sample_nfe, budget.grad_nfe) == (8, 16)  # one round, stopped after 2 of its 3 updates
     with pytest.raises(ValueError, match="max_updates"):
         methods.load("diffusion_dpo").train(policy, Task(PROMPTS, RedReward(), 2, 0), Budget(None), NullTracker())
+
+
+class _Index:
+    """A reward that reads which sample it is from the prompt order: a different value for every image (no ties)."""
+
+    name = "index"
+
+    def __call__(self, images, prompts):
+        return images.flatten(1).mean(dim=1)
+
+
+def test_offline_default_is_the_paper_base_sample_set_with_its_source_and_cost():
+    """The default diffusion_dpo row is offline: a fixed set of base-model samples labelled by the reward, built once
+    (its cost on the budget, its source handed to the tracker); then only updates, no more sampling."""
+    from methods.preference_data import BaseSamplePreferences
+
+    policy = tiny_policy()
+    method = methods.load("diffusion_dpo", base_samples_per_prompt=3, pairs_per_update=2, lr=1e-2)
+    assert method.config.source == "offline" and method.config.dataset is None
+    assert method.config.noise == "fresh" and method.config.timesteps_per_pair == 1
+    K, build = 2, len(PROMPTS) * 3 * 2  # 2 prompts x 3 samples x K steps
+    budget = Budget(max_nfe=build + 2 * 8 + 5)  # then two updates of 4 x 2 pairs x 1 timestep
+    tracker = NullTracker()
+    method.train(policy, Task(PROMPTS, _Index(), train_steps=K, seed=0), budget, tracker)
+    assert (budget.sample_nfe, budget.grad_nfe, budget.reward_calls) == (build, 16, 6)
+    source = tracker.texts["diffusion_dpo/pairs_source.json"]
+    assert "base samples: 3 per prompt x 2 training prompts" in source and "'index'" in source
+    assert tracker.series("train/offline_pairs") == [6.0]  # 3 distinct rewards per prompt: 3 ordered pairs each
+
+    data = BaseSamplePreferences(per_prompt=3, num_steps=K).build(policy, PROMPTS, _Index(), Budget(None),
+                                                                  torch.Generator().manual_seed(0))
+    prompts = data.row_prompts
+    assert all(prompts[w] == prompts[l] for w, l in zip(data.win.tolist(), data.lose.tolist()))
+    assert bool((data.rewards[data.win] > data.rewards[data.lose]).all())
+
+
+def test_winner_and_loser_share_the_noise_and_the_timestep(monkeypatch):
+    """The paper's pairing: one fresh eps and one t per pair, the same for winner and loser (rows [w; l] of the one
+    batched denoiser call), for the policy and for the reference."""
+    calls = []
+    original = diffusion_dpo.denoising_errors
+
+    def spy(policy, x0, eps, t, cond):
+        calls.append((x0.detach().clone(), eps.detach().clone(), t.detach().clone()))
+        return original(policy, x0, eps, t, cond)
+
+    monkeypatch.setattr(diffusion_dpo, "denoising_errors", spy)
+    policy = tiny_policy()
+    method = methods.load("diffusion_dpo", base_samples_per_prompt=3, pairs_per_update=4, lr=1e-2, max_updates=1)
+    method.train(policy, Task(PROMPTS, _Index(), train_steps=4, seed=0), Budget(None), NullTracker())
+    assert len(calls) == 2  # policy and reference, one update
+    (x0, eps, t), (x0_ref, eps_ref, t_ref) = calls
+    n = x0.shape[0] // 2
+    assert n == 4  # 4 pairs x 1 timestep each
+    assert torch.equal(eps[:n], eps[n:]) and torch.equal(t[:n], t[n:])
+    assert not torch.equal(x0[:n], x0[n:])  # different images, same noise
+    assert len(set(t[:n].tolist())) > 1 or n == 1  # t drawn per pair, not once per batch
+    assert torch.equal(eps, eps_ref) and torch.equal(t, t_ref) and torch.equal(x0, x0_ref)

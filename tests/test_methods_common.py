@@ -26,13 +26,36 @@ from methods.common import (
 )
 from tasks.registry import UnknownNameError
 
-ALL_METHODS = ["base", "ddpo", "diffusion_dpo", "inference_scaling", "pso", "sdpo", "sft", "sharpening", "sharpening_sft",
-               "spo", "spo_reward_x0"]
+ALL_METHODS = ["base", "ddpo", "diffusion_dpo", "diffusion_dpo_online", "inference_scaling", "pso", "pso_offline", "sdpo",
+               "sdpo_t_eq_k", "sft", "sharpening", "sharpening_sft", "spo", "spo_reward_x0"]
 
 
 # ---------------------------------------------------------------------------------------------- registry
 def test_names_lists_every_method():
     assert methods.names() == ALL_METHODS
+
+
+def test_every_method_class_has_one_spelling_and_names_its_deviations():
+    """One registry spelling per class, `<Name>Method`, and no alias left in the module; each class's deviations are
+    `Deviation`s with all three parts filled, and the Markdown table has one row per deviation."""
+    import importlib
+
+    from methods.common import Deviation
+
+    rows = 0
+    for name in methods.names():
+        cls = methods.method_class(name)
+        assert cls.__name__.endswith("Method") and cls.name == name, name
+        module = importlib.import_module(cls.__module__)
+        aliases = [k for k, v in vars(module).items() if v is cls and k != cls.__name__]
+        assert aliases == [], f"{name}: aliases {aliases}"
+        for dev in getattr(cls, "deviations", ()):
+            assert isinstance(dev, Deviation) and dev.what and dev.why and dev.where, name
+            rows += 1
+    for name in ("diffusion_dpo", "diffusion_dpo_online", "pso", "pso_offline", "sdpo", "sdpo_t_eq_k"):
+        assert methods.method_class(name).deviations and methods.method_class(name).paper, name
+    table = methods.deviations_markdown()
+    assert table.count("\n") == rows + 1 and "| sdpo_t_eq_k |" in table
 
 
 def test_unknown_method_name_lists_valid_names():

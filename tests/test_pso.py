@@ -101,7 +101,7 @@ def test_online_smoke_budget_and_adapters():
     policy = tiny_policy()
     before = policy.adapter_state_dict()
     method = methods.load("pso", prompts_per_round=2, pairs_per_update=2, lr=1e-2)
-    assert isinstance(method, pso.PSO)
+    assert isinstance(method, pso.PSOMethod)
     # Hand count, K = 3: a round samples 2 prompts x 2 trajectories x 3 steps = 12 NFEs and 4 reward calls; its 2
     # pairs train steps {0, 1}: 2 trajectories x (policy + reference) x 2 pairs x 2 steps = 16 NFEs.
     budget = Budget(max_nfe=2 * 28 + 4)

@@ -11,7 +11,7 @@ import methods
 from methods.common import Budget, NullTracker, PerPromptStatTracker, Task
 from methods.sampling import stochastic_steps
 from methods.sdpo import (
-    SDPO,
+    SDPOMethod,
     Config,
     dense_rewards,
     discounted_returns,
@@ -132,7 +132,7 @@ def test_normalise_returns_per_prompt_and_step():
 
 def test_config_validation_and_registry():
     assert type(methods.load("sdpo")).__name__ == "SDPOMethod"
-    assert SDPO is methods.method_class("sdpo")
+    assert SDPOMethod is methods.method_class("sdpo")
     with pytest.raises(ValueError, match="eta"):
         Config(eta=0.0)
     with pytest.raises(ValueError, match="timestep_fraction"):
@@ -160,7 +160,7 @@ def test_method_protocol_documented_fields_and_toy_preset():
 
 def test_pairs_share_prompt_and_initial_noise():
     policy = tiny_policy_16px()
-    method = SDPO(Config(num_steps=3))
+    method = SDPOMethod(Config(num_steps=3))
     budget = Budget(None)
     batch, info = method._sample_pairs(policy, CountingReward(), ["a red circle", "two blue squares"], 3,
                                        torch.Generator().manual_seed(0), budget)
@@ -176,7 +176,7 @@ def test_pair_loss_at_old_parameters_regresses_onto_the_advantage_gap():
     # At theta = theta_old every recomputed log-prob equals the sampled one (ratio 1), so the loss of a
     # micro-batch is mean(dA^2) with each pair's own advantages at its own step: checks the row bookkeeping.
     policy = tiny_policy_16px()
-    method = SDPO(Config(num_steps=3))
+    method = SDPOMethod(Config(num_steps=3))
     gen = torch.Generator().manual_seed(1)
     batches = []
     for prompts in (["a red circle", "two blue squares"], ["three green triangles", "a red circle"]):
@@ -207,7 +207,7 @@ def test_smoke_train_changes_adapters_and_counts_exactly(guidance_scale):
     forwards = count_forwards(policy)
     before = policy.adapter_state_dict()
 
-    SDPO(config).train(policy, Task(prompts=["a red circle", "two blue squares", "three green triangles"],
+    SDPOMethod(config).train(policy, Task(prompts=["a red circle", "two blue squares", "three green triangles"],
                                     reward=reward, train_steps=1, seed=0), budget, tracker)
 
     assert budget.sample_nfe == 2 * 8 * T * npp
@@ -226,7 +226,7 @@ def test_budget_smaller_than_an_epoch_is_an_error():
     policy = tiny_policy_16px()
     task = Task(prompts=["a red circle"], reward=CountingReward(), train_steps=2, seed=0)
     with pytest.raises(ValueError, match="smaller than one SDPO epoch"):
-        SDPO(Config(num_steps=None, pairs_per_epoch=2)).train(policy, task, Budget(max_nfe=10), NullTracker())
+        SDPOMethod(Config(num_steps=None, pairs_per_epoch=2)).train(policy, task, Budget(max_nfe=10), NullTracker())
 
 
 def test_train_last_step_false_never_trains_the_last_transition(monkeypatch):
@@ -249,13 +249,52 @@ def test_train_last_step_false_never_trains_the_last_transition(monkeypatch):
                     gradient_accumulation_steps=1, stat_min_count=2, lr=1e-2, num_epochs=1, train_last_step=False)
     budget = Budget(max_nfe=10_000)
     task = Task(prompts=["a red circle", "two blue squares"], reward=CountingReward(), train_steps=1, seed=0)
-    SDPO(config).train(policy, task, budget, NullTracker())
+    SDPOMethod(config).train(policy, task, budget, NullTracker())
     assert set(trained_steps) == {0, 1} and T - 1 not in trained_steps
     assert budget.grad_nfe == 2 * pairs * (T - 1)
-    assert SDPO(config).epoch_cost(T, T - 1, 1)["grad_nfe"] == budget.grad_nfe
+    assert SDPOMethod(config).epoch_cost(T, T - 1, 1)["grad_nfe"] == budget.grad_nfe
 
     trained_steps.clear()
     one = Budget(max_nfe=10_000)
-    SDPO(Config(num_steps=1, pairs_per_epoch=2, sample_batch_size=2, train_batch_size=2, num_epochs=1,
+    SDPOMethod(Config(num_steps=1, pairs_per_epoch=2, sample_batch_size=2, train_batch_size=2, num_epochs=1,
                 train_last_step=False)).train(policy, task, one, NullTracker())
     assert set(trained_steps) == {0} and one.grad_nfe == 2 * 2
+
+
+def test_trajectory_length_T_is_honoured_independently_of_K(monkeypatch):
+    """SDPO trains on T-step trajectories whatever the cell's K: the sampler runs T steps, the lambda^i weights reach
+    steps i >= K, and the NFEs are T's (a 6-step trajectory in a K = 2 cell). `sdpo_t_eq_k` follows K instead."""
+    from methods import sdpo
+
+    T, K, pairs = 6, 2, 2
+    seen = {"steps": [], "shapes": []}
+    original_loss, original_sample = sdpo.loss, sdpo.sampling.sample
+
+    def loss_spy(*args, **kw):
+        seen["steps"] += args[6].tolist()  # step_index: the i of lambda^i
+        return original_loss(*args, **kw)
+
+    def sample_spy(policy, prompts, num_steps, **kw):
+        traj = original_sample(policy, prompts, num_steps, **kw)
+        seen["shapes"].append(tuple(traj.log_probs.shape))
+        return traj
+
+    monkeypatch.setattr(sdpo, "loss", loss_spy)
+    monkeypatch.setattr(sdpo.sampling, "sample", sample_spy)
+    policy = tiny_policy_16px()
+    config = Config(num_steps=T, pairs_per_epoch=pairs, sample_batch_size=2, train_batch_size=2, num_epochs=1,
+                    stat_min_count=2, train_last_step=False)
+    budget = Budget(max_nfe=10_000)
+    SDPOMethod(config).train(policy, Task(prompts=["a red circle", "two blue squares"], reward=CountingReward(),
+                                          train_steps=K, seed=0), budget, NullTracker())
+    assert seen["shapes"] == [(2 * pairs, T)]
+    assert set(seen["steps"]) == set(range(T - 1))  # every step but the last, far beyond K
+    assert budget.sample_nfe == 2 * pairs * T and budget.grad_nfe == 2 * pairs * (T - 1)
+    # the weight of step i is lambda^i: at theta = theta_old, dL/drho^a = -2 lam^i dA, here at step 4 > K
+    _, grad_a, _, _ = _loss(0.0, 0.0, 1.0, step=4)
+    assert grad_a == pytest.approx(-2 * 0.99 ** 4, rel=1e-5)
+
+    toy = methods.make_config("sdpo", "toy")
+    assert toy.num_steps >= 16  # the toy recipe's long T, whatever the grid's K
+    assert methods.make_config("sdpo_t_eq_k", "toy").num_steps is None  # T = the cell's K
+    assert methods.load("sdpo_t_eq_k").name == "sdpo_t_eq_k"

@@ -48,7 +48,7 @@ def test_smoke_budget_and_adapters(pairing):
     before = policy.adapter_state_dict()
     method = methods.load("sft", pairing=pairing, prompts_per_round=2, samples_per_prompt=2, batch_size=2,
                           updates_per_round=2, lr=1e-2)
-    assert isinstance(method, sft.SFT)
+    assert isinstance(method, sft.SFTMethod)
     # Hand count, K = 2: a round samples 4 images x 2 steps = 8 NFEs, 4 reward calls; each update 2 samples
     # forward+backward = 2 NFEs (no reference model); 2 updates -> 12 a round.
     budget = Budget(max_nfe=2 * 12 + 9)

@@ -11,7 +11,7 @@ from helpers import CountingReward, count_forwards, tiny_policy_16px
 import methods
 from methods import sampling
 from methods.common import Budget, NullTracker, Task
-from methods.sharpening import Config, Sharpening, add_noise, epsilon_from_output, loss, rlhf_loss, sft_loss
+from methods.sharpening import Config, SharpeningMethod, add_noise, epsilon_from_output, loss, rlhf_loss, sft_loss
 
 # ------------------------------------------------------------------------------------------- pure losses
 
@@ -109,14 +109,14 @@ def test_path_timesteps_uniform_and_grid():
 
     scheduler = build_scheduler()
     gen = torch.Generator().manual_seed(0)
-    method = Sharpening(Config(num_steps=25, trajectory_steps=3))
+    method = SharpeningMethod(Config(num_steps=25, trajectory_steps=3))
     for _ in range(50):
         path = method.path_timesteps(scheduler, 25, gen)
         t = path[0][0]
         assert len(path) == min(3, 1 + t // 40)
         for m, (t_m, t_prev) in enumerate(path):
             assert t_m == t - 40 * m and t_prev == (t_m - 40 if t_m >= 40 else -1)
-    grid = Sharpening(Config(num_steps=4, trajectory_steps=3, timestep_sampling="grid"))
+    grid = SharpeningMethod(Config(num_steps=4, trajectory_steps=3, timestep_sampling="grid"))
     starts = {tuple(grid.path_timesteps(scheduler, 4, gen)) for _ in range(30)}
     assert starts == {((999, 749), (749, 499), (499, 249)), ((749, 499), (499, 249), (249, -1))}
 
@@ -138,7 +138,7 @@ def test_sft_variant_has_its_own_grid_entry():
     from bench.conf.generate import method_yaml
 
     sft = methods.load("sharpening_sft", preset="toy")
-    assert sft.name == "sharpening_sft" and sft.config.variant == "sft" and isinstance(sft, Sharpening)
+    assert sft.name == "sharpening_sft" and sft.config.variant == "sft" and isinstance(sft, SharpeningMethod)
     assert methods.load("sharpening", preset="toy").config.variant == "rlhf"
     text = method_yaml("sharpening_sft")
     assert "variant: sft" in text and "num_samples: 3   # n: noisy copies per prompt" in text
@@ -182,7 +182,7 @@ def test_smoke_train_changes_adapters_and_counts_exactly(variant, reference_on_p
     forwards = count_forwards(policy)
     before = policy.adapter_state_dict()
 
-    Sharpening(config).train(policy, Task(prompts=PROMPTS, reward=reward, train_steps=N, seed=0), budget, tracker)
+    SharpeningMethod(config).train(policy, Task(prompts=PROMPTS, reward=reward, train_steps=N, seed=0), budget, tracker)
 
     prompts_seen = 2 * prompts_per_update
     assert budget.sample_nfe == prompts_seen * per_prompt["sample"]
@@ -207,12 +207,12 @@ def test_sft_on_dataset_images_generates_nothing_and_denoises_the_dataset_image(
     prompts = ["a red circle", "two blue squares"]
     config = Config(variant="sft", num_samples=2, trajectory_steps=2, num_steps=4, timestep_sampling="grid",
                     batch_size=2, lr=1e-2, optimizer="adam", max_updates=None, dataset=str(out))
-    method = Sharpening(config)
+    method = SharpeningMethod(config)
     encoded = []
     original = policy.encode_images
     monkeypatch.setattr(policy, "encode_images", lambda images, **kw: encoded.append(images) or original(images))
     budget = Budget(max_nfe=2 * 2 * (2 * 2))  # 2 updates of 2 prompts x (n=2 copies x m=2 grad NFEs), no sampling
-    Sharpening(config).train(policy, Task(prompts=prompts, reward=CountingReward(), train_steps=4, seed=0), budget,
+    SharpeningMethod(config).train(policy, Task(prompts=prompts, reward=CountingReward(), train_steps=4, seed=0), budget,
                              NullTracker())
     assert budget.sample_nfe == 0 and budget.grad_nfe == 16 and len(encoded) == 4
     assert all(images.shape == (1, 3, 16, 16) for images in encoded)
@@ -226,10 +226,10 @@ def test_sft_on_dataset_images_generates_nothing_and_denoises_the_dataset_image(
 def test_uniform_sampling_never_overspends():
     policy = tiny_policy_16px()
     config = Config(num_samples=2, trajectory_steps=3, num_steps=4, batch_size=1, max_updates=None)
-    worst = Sharpening(config).prompt_cost(3, 4, 1)
+    worst = SharpeningMethod(config).prompt_cost(3, 4, 1)
     budget = Budget(max_nfe=3 * (worst["sample_nfe"] + worst["grad_nfe"]))
     tracker = NullTracker()
-    Sharpening(config).train(policy, Task(prompts=PROMPTS, reward=CountingReward(), train_steps=4, seed=1),
+    SharpeningMethod(config).train(policy, Task(prompts=PROMPTS, reward=CountingReward(), train_steps=4, seed=1),
                              budget, tracker)
     assert budget.total_nfe <= budget.max_nfe
     assert len(tracker.records) >= 3  # shorter paths leave room for more updates

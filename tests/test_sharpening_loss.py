@@ -56,12 +56,12 @@ def test_prompt_terms_take_the_loss_in_the_configured_space():
     from helpers import CountingReward, tiny_policy_16px
 
     from methods.common import Budget
-    from methods.sharpening import Sharpening
+    from methods.sharpening import SharpeningMethod
 
     losses = {}
     for space in ("epsilon", "native"):
         policy = tiny_policy_16px()
-        method = Sharpening(Config(variant="rlhf", loss_space=space, num_steps=4, timestep_sampling="grid"))
+        method = SharpeningMethod(Config(variant="rlhf", loss_space=space, num_steps=4, timestep_sampling="grid"))
         terms = method._prompt_terms(policy, CountingReward(), "a red circle", 4, [(999, 749)],
                                      torch.Generator().manual_seed(0), Budget(max_nfe=10**6))
         losses[space] = terms["model_losses"].detach()

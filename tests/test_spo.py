@@ -115,7 +115,7 @@ def test_smoke_budget_and_adapters(preference_model):
     method = methods.load("spo", preference_model=preference_model, num_candidates=2, threshold=0.0,
                           prompts_per_round=2, pairs_per_update=4, lr=1e-2, spm_rounds=1, spm_prompts=2,
                           spm_samples_per_prompt=2, spm_epochs=2, spm_width=8)
-    assert isinstance(method, spo.SPO)
+    assert isinstance(method, spo.SPOMethod)
     # Hand count, K = 3, k = 2: a round costs 2 prompts x (1 + 2 + 2) = 10 sampling NFEs and records 2 x 2 pairs
     # (threshold 0, continuous scores); one update on 4 pairs = (policy + reference) x 4 shared parents = 8 NFEs.
     # reward calls per round: 2 (monitoring) + reward_x0's 2 prompts x 2 candidates x 2 pools = 8.
