@@ -257,7 +257,7 @@ class SpanProfiler:
         from tasks.rewards.base import Reward
 
         self.patch(Reward, "__call__", self.wrap(Reward.__call__, "reward"))
-        from methods.spo import StepAwarePreferenceModel
+        from methods.spm import ConvSPM as StepAwarePreferenceModel
 
         spm = StepAwarePreferenceModel.forward
         self.patch(StepAwarePreferenceModel, "forward", self.wrap_model(spm, "preference_model", "preference_model"))

@@ -455,8 +455,8 @@ class BaseSamplePreferences:
                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(prompts, x0_w, x0_l) of pairs `indices`, latents (B, C, h, w) float32 on the policy's device."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        w, l = self.win[index], self.lose[index]
-        return (self.prompts_of(indices), self.latents[w].to(policy.device), self.latents[l].to(policy.device))
+        win, lose = self.win[index], self.lose[index]
+        return self.prompts_of(indices), self.latents[win].to(policy.device), self.latents[lose].to(policy.device)
 
     def summary(self) -> dict[str, Any]:
         """What the set is made of (logged beside `source`)."""

@@ -23,18 +23,20 @@ Loss per recorded transition (`loss`), with per-element-MEAN Gaussian log-densit
     loss  = softplus(-beta (log r_w - log r_l))          beta 10, eps 0.1 (zero gradient where clamped)
 
 Preference model (`preference_model`):
-- "spm": a small step-aware preference model trained at the start of `train` on the policy's own trajectories
-  (see `StepAwarePreferenceModel` and `train_spm`): the toy-world stand-in for the paper's CLIP-H SPM trained on
-  Pick-a-Pic (which needs GPUs and Pick-a-Pic; not reproduced here).
-- "reward_x0": the task reward on the decoded x0 prediction of each candidate (the paper's "w/o SPM" ablation
-  uses PickScore this way); costs k reward calls per prompt per branching step.
+- "spm": the step-aware preference model of methods/spm.py, trained the paper's way (pairs of clean images labelled
+  by the reward, forward-noised to t with a shared eps, scored from the initial model's x0-predictions, pairwise
+  loss) once per (model, reward) and cached under `spm_cache_dir`; the file and its held-out pairwise accuracy go to
+  the tracker, and SPO refuses an SPM that is not above chance by `spm_min_margin`. `spm_path` loads a cached file,
+  or a released checkpoint of the paper (`spm_clip_path` = its PickScore CLIP config folder).
+- "reward_x0": the task reward on the decoded x0 prediction of each candidate (the paper's "w/o SPM" ablation uses
+  PickScore this way); costs k reward calls per prompt per branching step.
 
 What the spec leaves open, and the choice made here:
 - few-step adaptation (§3.9, not in the paper): every stochastic step but the last branches (start_step 0 instead
   of kappa = 750); the last pool is scored at t_{K-1} from x0 predictions.
-- the SPM: the paper's is CLIP-H + adaLN trained on Pick-a-Pic v1 x0-predictions of the *base* model; the one here
-  is trained on the policy's own trajectories and final task rewards, so its scores are logits of the predicted
-  outcome; the threshold keeps the paper's softmax-difference meaning in those units (0.3 <=> logit gap 0.62).
+- the SPM on the toy world: a small conv net (methods/spm.py ConvSPM) instead of CLIP-H, and reward-labelled
+  initial-model samples instead of Pick-a-Pic's human labels; its scores are pairwise logits, so the threshold keeps
+  the paper's softmax-difference meaning (0.3 <=> score gap 0.62).
 - only single-step SPO (winner and loser share their parent); SDXL's multi-step "MSPO" (3 inner steps per chunk) is
   not implemented: a 4-step grid has only 3 stochastic transitions.
 - gradient clipping is a no-op in the official code (§3.7); here it is applied (grad_clip=1.0; 0 reproduces).
@@ -43,18 +45,21 @@ What the spec leaves open, and the choice made here:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from methods import sampling
+from methods import spm as spm_lib
 from methods.common import (
     Budget,
+    Deviation,
     Task,
     Tracker,
     build_optimizer,
@@ -63,6 +68,8 @@ from methods.common import (
     clip_grad_norm,
     default_generate,
     generator,
+    log_artifact,
+    log_text,
 )
 from methods.preference_data import check_run_length, describe, pick_prompts
 
@@ -114,40 +121,45 @@ class Config:
     """LoRA rank (SD1.5: 4; SDXL: 64); read by the harness."""
     full_finetune: bool = False
     """train every denoiser weight instead of LoRA; read by the harness."""
-    # --- the step-aware preference model ("spm") ---
+    # --- the step-aware preference model ("spm", methods/spm.py) ---
     spm_path: str | None = None
-    """load a trained SPM (torch file written by `StepAwarePreferenceModel.save`) instead of training one."""
-    spm_prompts: int = 32
-    """SPM data: prompts per sampling round."""
+    """load this SPM instead of training one: a file written by methods.spm (cached), or a released checkpoint of the
+    paper (*.bin, with spm_clip_path)."""
+    spm_clip_path: str | None = None
+    """released SPM only: the PickScore_v1 CLIP folder (config + tokenizer) the checkpoint was trained from."""
+    spm_cache_dir: str = ".stepbench-cache/spm"
+    """where trained SPMs are kept, one file per (model, reward, spm settings): trained once, reused by every cell."""
     spm_samples_per_prompt: int = 8
-    """SPM data: trajectories per prompt."""
-    spm_rounds: int = 2
-    """SPM data: sampling rounds (the data = rounds x prompts x samples trajectories x (K-1) noisy states)."""
-    spm_epochs: int = 20
-    """SPM training passes over its data."""
+    """SPM data: initial-model samples per training prompt, labelled by the reward into within-prompt pairs."""
+    spm_views_per_pair: int = 4
+    """SPM data: (t ~ U{0..999}, shared eps) draws per pair, each scored from the x0-predictions (paper: 1 per pair
+    per epoch over 0.9M pairs)."""
+    spm_sample_steps: int | None = None
+    """SPM data: sampler steps of the clean images (None = the model's default K), so the SPM is one per model."""
+    spm_epochs: int = 30
+    """SPM training passes over its views."""
     spm_batch_size: int = 64
-    """SPM training batch."""
+    """SPM training batch (pairs)."""
     spm_lr: float = 1e-3
     """SPM learning rate (Adam)."""
     spm_width: int = 32
-    """SPM conv channels (the net has ~8 * width^2 * 9 weights; width 32: ~0.1M parameters)."""
+    """SPM conv channels (ConvSPM; ~0.1M parameters at 32)."""
     spm_flip: bool = True
-    """augment SPM data with horizontal flips (valid for the toy world and natural images)."""
-    spm_loss: str = "bce"
-    """"bce": predict the final reward in [0, 1] (the verifier outcome) from the noisy state; "pairwise": PickScore's
-    softmax cross-entropy over two same-prompt states at the same step, soft labels from the final rewards."""
+    """augment SPM pairs with horizontal flips (both members alike; valid for the toy world and natural images)."""
+    spm_min_margin: float = 0.05
+    """SPO refuses an SPM whose held-out pairwise accuracy is not above 0.5 + this."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "toy": dict(prompts_per_round=32, pairs_per_update=32, lr=3e-5, optimizer="adam", weight_decay=0.0,
-                    full_finetune=True, spm_rounds=2, spm_prompts=32, spm_samples_per_prompt=8),
+                    full_finetune=True),
     }
 
     def __post_init__(self):
         check_choice("preference_model", self.preference_model, ("spm", "reward_x0"))
-        check_choice("spm_loss", self.spm_loss, ("bce", "pairwise"))
-        check_positive(self, "beta", "lr", "prompts_per_round", "pairs_per_update", "sample_eta", "spm_prompts",
-                       "spm_samples_per_prompt", "spm_rounds", "spm_epochs", "spm_batch_size", "spm_lr", "spm_width",
-                       "reward_score_scale", "lora_rank", "max_updates")
+        check_positive(self, "beta", "lr", "prompts_per_round", "pairs_per_update", "sample_eta",
+                       "spm_samples_per_prompt", "spm_views_per_pair", "spm_sample_steps", "spm_epochs",
+                       "spm_batch_size", "spm_lr", "spm_width", "reward_score_scale", "lora_rank", "max_updates")
+        check_positive(self, "spm_min_margin", allow_zero=True)
         check_positive(self, "weight_decay", "start_step", "threshold", allow_zero=True)
         if self.num_candidates < 2:
             raise ValueError(f"num_candidates must be >= 2; got {self.num_candidates}")
@@ -155,8 +167,11 @@ class Config:
             raise ValueError(f"clamp_eps must be in (0, 1); got {self.clamp_eps}")
         if not self.threshold < 1.0:
             raise ValueError(f"threshold is a softmax-probability difference, < 1; got {self.threshold}")
-        if self.spm_loss == "pairwise" and self.spm_samples_per_prompt < 2:
-            raise ValueError("spm_loss='pairwise' needs spm_samples_per_prompt >= 2")
+        if self.spm_samples_per_prompt < 2:
+            raise ValueError(f"spm_samples_per_prompt must be >= 2 to form pairs; got {self.spm_samples_per_prompt}")
+        if self.spm_path and self.spm_path.endswith(".bin") and not self.spm_clip_path:
+            raise ValueError(f"spm_path={self.spm_path!r} is a released SPM checkpoint: set spm_clip_path to its "
+                             "PickScore_v1 CLIP folder")
 
     def min_train_steps(self) -> int:
         """Smallest K this config can train at: SPO branches the stochastic steps from start_step up to the one
@@ -199,193 +214,6 @@ def keep_pair(score_w: torch.Tensor, score_l: torch.Tensor, threshold: float) ->
     """SPO's pair filter: softmax over (s_w, s_l) gives p_w - p_l = tanh((s_w - s_l) / 2) > threshold (bool).
     threshold 0.3 <=> s_w - s_l > 2 artanh(0.3) = 0.6190."""
     return torch.tanh((score_w - score_l) / 2) > threshold
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The step-aware preference model (toy-scale)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def prompt_vectors(cond) -> torch.Tensor:
-    """One vector per prompt from a policy Conditioning: SDXL's pooled embedding, else the token states mean-pooled
-    (SD), else the toy encoder's vector itself: (B, D) float32, no grad."""
-    tensors = cond.tensors
-    if "pooled" in tensors:
-        vec = tensors["pooled"]
-    else:
-        vec = tensors["embeds"]
-        if vec.ndim == 3:
-            vec = vec.mean(dim=1)
-    return vec.detach().float()
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-
-
-class StepAwarePreferenceModel(nn.Module):
-    """score(x_t, x0_hat, t, prompt) -> a logit; higher = the final image of this state is more likely preferred.
-
-    A stand-in for the paper's SPM (CLIP-H with DiT-style adaLN timestep modulation, §3.2) small enough to train on a
-    CPU in seconds: three stride-2 3x3 conv stages over the channel-concatenation of the denoiser's input x_t (VP-scaled)
-    and its clean prediction x0_hat, each followed by GroupNorm and a FiLM (scale, shift) modulation computed from
-    [sinusoidal(t), projected prompt vector] (the adaLN analogue), global average pooling, and a linear head on
-    [pooled features, modulation embedding]. At step t the verifier outcome of the final image is mostly decided by
-    x0_hat; x_t adds the noise the next step will see.
-    """
-
-    def __init__(self, latent_channels: int, prompt_dim: int, width: int = 32, embed_dim: int = 64):
-        super().__init__()
-        self.config = dict(latent_channels=latent_channels, prompt_dim=prompt_dim, width=width, embed_dim=embed_dim)
-        self.embed_dim = embed_dim
-        self.prompt_proj = nn.Linear(prompt_dim, embed_dim)
-        width2 = 2 * embed_dim
-        self.embed = nn.Sequential(nn.Linear(width2, width2), nn.SiLU(), nn.Linear(width2, width2))
-        chans = [2 * latent_channels, width, 2 * width, 2 * width]
-        # every stage halves the resolution (32 -> 16 -> 8 -> 4 on the toy world): ~2 M multiply-adds per state
-        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1) for i in range(3))
-        self.norms = nn.ModuleList(nn.GroupNorm(8, chans[i + 1]) for i in range(3))
-        self.films = nn.ModuleList(nn.Linear(2 * embed_dim, 2 * chans[i + 1]) for i in range(3))
-        for film in self.films:  # start as identity modulation, like the paper's zero-initialised adaLN
-            nn.init.zeros_(film.weight)
-            nn.init.zeros_(film.bias)
-        self.head = nn.Linear(chans[-1] + 2 * embed_dim, 1)
-
-    def forward(self, x_t: torch.Tensor, x0_pred: torch.Tensor, t: torch.Tensor, prompt_vec: torch.Tensor
-                ) -> torch.Tensor:
-        """Logits (B,) for states x_t (B, C, h, w), x0_pred (B, C, h, w), integer t (B,), prompt_vec (B, D)."""
-        emb = torch.cat([timestep_embedding(t, self.embed_dim), self.prompt_proj(prompt_vec)], dim=1)
-        emb = self.embed(emb)
-        h = torch.cat([x_t, x0_pred], dim=1).float()
-        for conv, norm, film in zip(self.convs, self.norms, self.films):
-            scale, shift = film(emb).chunk(2, dim=1)
-            h = nn.functional.silu(norm(conv(h)) * (1 + scale[..., None, None]) + shift[..., None, None])
-        return self.head(torch.cat([h.mean(dim=(2, 3)), emb], dim=1)).squeeze(1)
-
-    def save(self, path) -> None:
-        torch.save({"config": self.config, "state": self.state_dict()}, path)
-
-    @classmethod
-    def load(cls, path) -> StepAwarePreferenceModel:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        model = cls(**blob["config"])
-        model.load_state_dict(blob["state"])
-        return model
-
-
-def spm_loss(model: StepAwarePreferenceModel, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """"bce": BCE(logit, final reward r in [0, 1]). "pairwise": PickScore's criterion on (a, b) states of the same
-    prompt at the same step: cross-entropy of softmax([s_a, s_b]) against labels (1,0) / (0,1) / (.5,.5) (tie)."""
-    if kind == "bce":
-        logits = model(batch["x_t"], batch["x0"], batch["t"], batch["prompt"])
-        return nn.functional.binary_cross_entropy_with_logits(logits, batch["reward"])
-    s_a = model(batch["x_t"], batch["x0"], batch["t"], batch["prompt"])
-    s_b = model(batch["x_t_b"], batch["x0_b"], batch["t"], batch["prompt"])
-    label_a = 0.5 + 0.5 * torch.sign(batch["reward"] - batch["reward_b"])
-    log_p = torch.log_softmax(torch.stack([s_a, s_b], dim=1), dim=1)
-    return -(label_a * log_p[:, 0] + (1 - label_a) * log_p[:, 1]).mean()
-
-
-@torch.no_grad()
-def collect_spm_data(policy, prompts: list[str], reward, num_steps: int, *, samples_per_prompt: int, eta: float,
-                     kernel: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Sample `samples_per_prompt` trajectories per prompt and return every noisy state a candidate can be scored in
-    (grid steps 1..K-1) with the final reward: x_t (VP-scaled denoiser input), x0 (the policy's x0_hat there), t,
-    prompt vector, reward, group (prompt index) and step index. Rows: (trajectory, step) flattened."""
-    batch = [p for p in prompts for _ in range(samples_per_prompt)]
-    traj = sampling.sample(policy, batch, num_steps, generator=generator, eta=eta, kernel=kernel)
-    rewards = torch.as_tensor(reward(traj.images, batch), dtype=torch.float32).cpu().reshape(-1)
-    scheduler = policy.scheduler_for(kernel)
-    vec = prompt_vectors(traj.cond).cpu()
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("x_t", "x0", "t", "prompt", "reward", "group", "step")}
-    groups = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
-    for k in range(1, num_steps):
-        t = traj.timesteps[k]
-        rows["x_t"].append(sampling.model_input(kernel, scheduler, traj.latents[:, k], t).cpu())
-        rows["x0"].append(traj.x0_preds[:, k].cpu())
-        rows["t"].append(t.repeat(len(batch)))
-        rows["prompt"].append(vec)
-        rows["reward"].append(rewards)
-        rows["group"].append(groups)
-        rows["step"].append(torch.full((len(batch),), k))
-    return {k: torch.cat(v) for k, v in rows.items()}
-
-
-def _pairs_within(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) row indices of states sharing prompt group and step, a < b (for the pairwise loss and accuracy)."""
-    key = data["group"] * 1000 + data["step"]
-    a, b = [], []
-    for value in key.unique().tolist():
-        rows = (key == value).nonzero().flatten().tolist()
-        for i in range(len(rows)):
-            for j in range(i + 1, len(rows)):
-                a.append(rows[i])
-                b.append(rows[j])
-    return torch.tensor(a, dtype=torch.long), torch.tensor(b, dtype=torch.long)
-
-
-def pairwise_accuracy(model: StepAwarePreferenceModel, data: dict[str, torch.Tensor]) -> dict[int, float]:
-    """Per timestep t: fraction of same-prompt, same-step state pairs with different final rewards that the model
-    orders correctly (the paper validates its SPM this way at t in {0, 251, ..., 951})."""
-    a, b = _pairs_within(data)
-    if len(a) == 0:
-        return {}
-    with torch.no_grad():
-        s = model(data["x_t"], data["x0"], data["t"], data["prompt"])
-    diff_r = data["reward"][a] - data["reward"][b]
-    decided = diff_r != 0
-    correct = (torch.sign(s[a] - s[b]) == torch.sign(diff_r)) & decided
-    out = {}
-    for t in data["t"][a].unique().tolist():
-        mask = (data["t"][a] == t) & decided
-        if mask.any():
-            out[int(t)] = float(correct[mask].float().mean())
-    return out
-
-
-def fit_spm(data: dict[str, torch.Tensor], *, kind: str, epochs: int, batch_size: int, lr: float, width: int,
-            flip: bool, generator: torch.Generator, latent_channels: int) -> tuple[StepAwarePreferenceModel, list[float]]:
-    """Train a StepAwarePreferenceModel on `collect_spm_data` rows; returns (model, per-epoch mean losses)."""
-    if kind == "bce" and not bool(((data["reward"] >= 0) & (data["reward"] <= 1)).all()):
-        raise ValueError("spm_loss='bce' predicts a reward in [0, 1] (a verifier outcome); this reward leaves that "
-                         "range: use spm_loss='pairwise' or preference_model='reward_x0'")
-    with torch.random.fork_rng(devices=[]):  # seed the SPM's init from `generator`, leaving the global RNG alone
-        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
-        model = StepAwarePreferenceModel(latent_channels, data["prompt"].shape[1], width=width)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    if kind == "pairwise":
-        a, b = _pairs_within(data)
-        units = len(a)
-    else:
-        units = len(data["reward"])
-    history = []
-    for _ in range(epochs):
-        order = torch.randperm(units, generator=generator)
-        total = 0.0
-        for start in range(0, units, batch_size):
-            idx = order[start : start + batch_size]
-            if kind == "pairwise":
-                ia, ib = a[idx], b[idx]
-                batch = {k: data[k][ia] for k in ("x_t", "x0", "t", "prompt", "reward")}
-                batch.update(x_t_b=data["x_t"][ib], x0_b=data["x0"][ib], reward_b=data["reward"][ib])
-            else:
-                batch = {k: data[k][idx] for k in ("x_t", "x0", "t", "prompt", "reward")}
-            if flip:
-                mask = torch.rand(len(idx), generator=generator) < 0.5
-                for key in ("x_t", "x0", "x_t_b", "x0_b"):
-                    if key in batch:
-                        batch[key] = torch.where(mask[:, None, None, None], batch[key].flip(-1), batch[key])
-            value = spm_loss(model, batch, kind)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            total += float(value.detach()) * len(idx)
-        history.append(total / max(units, 1))
-    return model.eval().requires_grad_(False), history
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -495,42 +323,63 @@ class SPOMethod:
 
     name: ClassVar[str] = "spo"
     Config = Config
+    paper: ClassVar[str] = "Liang et al., Step-aware Preference Optimization / SPO, arXiv 2406.04314"
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("toy world: the SPM is a 0.1M-parameter conv net on x0-predictions, trained on reward-labelled "
+                  "initial-model samples (paper: CLIP-H PickScore + adaLN on Pick-a-Pic v1 human labels); the released "
+                  "SPMs load for SD-1.5 / SDXL", "no Pick-a-Pic or CLIP-H on the toy; the paper's recipe otherwise "
+                  "(clean pairs noised to t, x0-predictions, pairwise loss), gated on held-out accuracy",
+                  "methods/spm.py; methods/spo.py Config.spm_*"),
+        Deviation("the SPM's training compute is outside the cell's budget and shared by all cells of a (model, "
+                  "reward)", "the paper trains its SPM once, before and apart from SPO", "methods/spm.py train_spm"),
+        Deviation("few-step grid: every stochastic step but the last branches (paper: kappa = 750 on 20 steps); the "
+                  "last pool is scored at t_{K-1}", "a 4-step grid has 3 stochastic transitions (spec §3.9)",
+                  "methods/spo.py Config.start_step"),
+        Deviation("gradient clipping at 1.0 applied (the official clip is a no-op)", "as configured officially; "
+                  "grad_clip=0 reproduces the code", "methods/spo.py Config.grad_clip"),
+        Deviation("toy recipe: Adam lr 3e-5, full fine-tune, 32 prompts per round (paper SD1.5: AdamW 6e-5, LoRA r4, "
+                  "40 prompts)", "toy-recipes.md's optimizer", "methods/spo.py Config.presets['toy']"),
+    )
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()
-        self.spm: StepAwarePreferenceModel | None = None
+        self.spm = None  # a scorer with .score(x_t, x0_pred, t, cond) -> (N,): methods.spm.ConvSPM or ReleasedScorer
 
     # ------------------------------------------------------------------------------------------------ SPM
-    def train_spm(self, policy, task: Task, budget: Budget, tracker: Tracker, gen: torch.Generator,
-                  kernel: str) -> StepAwarePreferenceModel:
-        """Sample the policy's own trajectories, score their final images with the task reward, and fit the SPM on
-        every noisy state (spm_rounds x spm_prompts x spm_samples_per_prompt trajectories; costs their sampling NFEs
-        and reward calls). 1/8 of the prompt groups are held out for the logged pairwise accuracy per timestep."""
+    def spm_settings(self, policy) -> spm_lib.SPMSettings:
         cfg = self.config
-        n = cfg.spm_prompts * cfg.spm_samples_per_prompt
-        nfe = n * task.train_steps * policy.nfe_per_predict
-        parts = []
-        for _ in range(cfg.spm_rounds):
-            budget.require(nfe=nfe, reward_calls=n)
-            prompts = pick_prompts(task.prompts, cfg.spm_prompts, gen)
-            part = collect_spm_data(policy, prompts, task.reward, task.train_steps,
-                                    samples_per_prompt=cfg.spm_samples_per_prompt, eta=cfg.sample_eta, kernel=kernel,
-                                    generator=gen)
-            part["group"] = part["group"] + len(parts) * cfg.spm_prompts
-            parts.append(part)
-            budget.spend(sample_nfe=nfe, reward_calls=n)
-        data = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        held_out = data["group"] % 8 == 7
-        train = {k: v[~held_out] for k, v in data.items()}
-        val = {k: v[held_out] for k, v in data.items()}
-        model, history = fit_spm(train, kind=cfg.spm_loss, epochs=cfg.spm_epochs, batch_size=cfg.spm_batch_size,
-                                 lr=cfg.spm_lr, width=cfg.spm_width, flip=cfg.spm_flip, generator=gen,
-                                 latent_channels=policy.latent_shape[0])
-        metrics = {"train/spm_loss_first": history[0], "train/spm_loss_last": history[-1],
-                   "train/spm_reward_mean": float(data["reward"].mean())}
-        metrics.update({f"train/spm_val_pair_acc_t{t}": acc for t, acc in pairwise_accuracy(model, val).items()})
+        return spm_lib.SPMSettings(samples_per_prompt=cfg.spm_samples_per_prompt, views_per_pair=cfg.spm_views_per_pair,
+                                   epochs=cfg.spm_epochs, batch_size=cfg.spm_batch_size, lr=cfg.spm_lr,
+                                   width=cfg.spm_width, flip=cfg.spm_flip,
+                                   sample_steps=cfg.spm_sample_steps or policy.spec.default_train_steps)
+
+    def load_spm(self, policy, task: Task, tracker: Tracker, budget: Budget):
+        """The cell's SPM: `spm_path` if given, else the cached one of (model, reward), trained now if missing. The
+        file and its record go to the tracker; its held-out accuracy is logged and gates training."""
+        cfg = self.config
+        if cfg.spm_path and cfg.spm_path.endswith(".bin"):
+            return ReleasedScorer(spm_lib.load_released_spm(cfg.spm_path, cfg.spm_clip_path), cfg.spm_clip_path, policy)
+        reward_name = getattr(task.reward, "name", type(task.reward).__name__)
+        path = Path(cfg.spm_path) if cfg.spm_path else spm_lib.cache_path(cfg.spm_cache_dir, policy.spec.name,
+                                                                           reward_name, self.spm_settings(policy))
+        if path.exists():
+            model, info = spm_lib.ConvSPM.load(path)
+            log.info("spo: cached SPM %s (held-out accuracy %.3f)", path, info["heldout_accuracy"]["all"])
+        elif cfg.spm_path:
+            raise FileNotFoundError(f"spm_path={cfg.spm_path!r} does not exist")
+        else:
+            model, info = spm_lib.train_spm(policy, task.prompts, task.reward, self.spm_settings(policy))
+            model.save(path, info)
+            log.info("spo: trained SPM %s (held-out accuracy %.3f)", path, info["heldout_accuracy"]["all"])
+        log_artifact(tracker, path, "spm")
+        log_text(tracker, json.dumps({**info, "file": str(path)}, indent=1, default=str), "spm/spm_info.json")
+        metrics = {f"train/spm_heldout_acc_{k}": v for k, v in info["heldout_accuracy"].items() if k not in ("all", "n")}
+        metrics.update({"train/spm_heldout_acc": info["heldout_accuracy"]["all"],
+                        "train/spm_heldout_views": info["heldout_accuracy"]["n"],
+                        "train/spm_train_acc": info["train_accuracy"]["all"]})
         tracker.log_metrics(metrics, step=budget.total_nfe)
-        return model
+        spm_lib.check_accuracy(info, cfg.spm_min_margin)
+        return model.to(policy.device)
 
     def _scorer(self, policy, task: Task, budget: Budget) -> Callable:
         cfg = self.config
@@ -540,12 +389,7 @@ class SPOMethod:
                 images = policy.decode(x0_pred)
                 return cfg.reward_score_scale * torch.as_tensor(task.reward(images, cond.prompts)).float().to(x_t.device)
             return score
-        spm = self.spm.to(policy.device)
-
-        def score(x_t, x0_pred, t, cond):
-            t_vec = torch.full((len(x_t),), t, dtype=torch.long, device=x_t.device)
-            return spm(x_t.float(), x0_pred.float(), t_vec, prompt_vectors(cond).to(x_t.device))
-        return score
+        return self.spm.score
 
     # --------------------------------------------------------------------------------------------- train
     def train(self, policy, task: Task, budget: Budget, tracker: Tracker) -> None:
@@ -560,8 +404,7 @@ class SPOMethod:
         kernel = cfg.kernel or policy.spec.scheduler
         gen = generator(task.seed)
         if cfg.preference_model == "spm" and self.spm is None:
-            self.spm = (StepAwarePreferenceModel.load(cfg.spm_path) if cfg.spm_path
-                        else self.train_spm(policy, task, budget, tracker, gen, kernel))
+            self.spm = self.load_spm(policy, task, tracker, budget)
         scorer = self._scorer(policy, task, budget)
         params = policy.trainable_parameters()
         optimizer = build_optimizer(params, cfg)
@@ -641,3 +484,35 @@ class SPORewardX0Method(SPOMethod):
 
     name: ClassVar[str] = "spo_reward_x0"
     Config = RewardX0Config
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("the task reward on each candidate's decoded x0-prediction picks win / lose (no SPM)",
+                  "the paper's own \"w/o SPM\" ablation (PickScore on x0-predictions)",
+                  "methods/spo.py RewardX0Config.preference_model"),
+        *SPOMethod.deviations[2:],
+    )
+
+
+class ReleasedScorer:
+    """A released SPM (methods.spm.ReleasedSPM) as SPO's scorer: decode each candidate's x0-prediction, resize
+    bicubically to the CLIP size, CLIP-normalise, tokenise the prompts, score at t (the official preprocessing)."""
+
+    def __init__(self, model, clip_path: str, policy):
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(clip_path, local_files_only=True)
+        self.model, self.policy, self.tokenizer = model.to(policy.device), policy, processor.tokenizer
+        size = processor.image_processor.crop_size
+        self.size = int(size["height"] if isinstance(size, dict) else size)
+        self.mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def score(self, x_t, x0_pred, t, cond) -> torch.Tensor:
+        images = self.policy.decode(x0_pred)  # (N, 3, H, W) in [0, 1]
+        images = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="bicubic",
+                                                 align_corners=False).clamp(0, 1)
+        pixels = (images - self.mean.to(images.device)) / self.std.to(images.device)
+        ids = self.tokenizer(list(cond.prompts), padding="max_length", truncation=True, max_length=77,
+                             return_tensors="pt").input_ids.to(images.device)
+        t_vec = torch.full((len(images),), int(t), device=images.device)
+        return self.model.score_pixels(pixels, ids, t_vec)

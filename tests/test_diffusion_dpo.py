@@ -216,7 +216,7 @@ def test_offline_default_is_the_paper_base_sample_set_with_its_source_and_cost()
     data = BaseSamplePreferences(per_prompt=3, num_steps=K).build(policy, PROMPTS, _Index(), Budget(None),
                                                                   torch.Generator().manual_seed(0))
     prompts = data.row_prompts
-    assert all(prompts[w] == prompts[l] for w, l in zip(data.win.tolist(), data.lose.tolist()))
+    assert all(prompts[w] == prompts[lo] for w, lo in zip(data.win.tolist(), data.lose.tolist()))
     assert bool((data.rewards[data.win] > data.rewards[data.lose]).all())
 
 

@@ -11,8 +11,8 @@ import methods
 from methods.common import Budget, NullTracker, PerPromptStatTracker, Task
 from methods.sampling import stochastic_steps
 from methods.sdpo import (
-    SDPOMethod,
     Config,
+    SDPOMethod,
     dense_rewards,
     discounted_returns,
     loss,

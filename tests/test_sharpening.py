@@ -11,7 +11,15 @@ from helpers import CountingReward, count_forwards, tiny_policy_16px
 import methods
 from methods import sampling
 from methods.common import Budget, NullTracker, Task
-from methods.sharpening import Config, SharpeningMethod, add_noise, epsilon_from_output, loss, rlhf_loss, sft_loss
+from methods.sharpening import (
+    Config,
+    SharpeningMethod,
+    add_noise,
+    epsilon_from_output,
+    loss,
+    rlhf_loss,
+    sft_loss,
+)
 
 # ------------------------------------------------------------------------------------------- pure losses
 
