@@ -53,6 +53,25 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def replicate(session: nox.Session) -> None:
+    """Rerun the toy grid under disjoint training seeds (grid=toy-replicate: seeds 3-5 into stepbench/toy-replicate,
+    about as long as `nox -s bench`), then print which verdicts of stepbench/toy hold, ending with
+    `replicate: N of M verdicts hold, K flipped`. posargs are Hydra overrides for the grid."""
+    install(session)
+    session.run("python", "-m", "bench.run", "-m", "grid=toy-replicate", "hydra/launcher=joblib",
+                "hydra.launcher.n_jobs=2", *session.posargs, env=ENV)
+    session.run("python", "-m", "reports", "replicate", "--experiment", "stepbench/toy",
+                "--replicate", "stepbench/toy-replicate", env=ENV)
+
+
+@nox.session
+def readme(session: nox.Session) -> None:
+    """Rewrite README.md's generated results section from stepbench/toy (the report's numbers, test split only)."""
+    install(session)
+    session.run("python", "-m", "reports", "readme", "--experiment", "stepbench/toy", *session.posargs, env=ENV)
+
+
+@nox.session
 def report(session: nox.Session) -> None:
     """Render the report from the local MLflow store (sqlite:///mlflow.db)."""
     install(session)

@@ -42,6 +42,7 @@ METHOD_LABELS = {
 SHORT_LABELS = {"base": "base", "sft": "SFT", "inference_scaling": "Inference scaling"}  # image-grid rows
 METHOD_ORDER = list(METHOD_LABELS)
 LEVEL_PCT = int(round(100 * stats.LEVEL))
+PROVENANCE = "provenance."  # run tags bench.cell sets: CPU model and flags, torch build, float settings
 
 
 def label(method: str, short: bool = False) -> str:
@@ -236,16 +237,18 @@ def step_generalization(main: RewardTables, steps: tuple[int, ...]) -> list[dict
     out = []
     for k, keys in sorted(by_k.items()):
         off = [s for s in steps if s != k]
-        rows = []
+        rows, found = [], []
         for key in keys:
             g = main.gain_estimates[key]
             at_k = g["S"][k]
             mean_off = main.paired[key].estimate(stats.mean_over_steps(steps, off))
+            found.append(dict(key=key, at_k=at_k, off=mean_off, diff=diffs[key], verdict=calls[key][0],
+                              p_holm=calls[key][1]))
             rows.append([Cell(label(key[0])), gain_cell(at_k, d, g["verdict"][k])]
                         + [gain_cell(g["S"][s], d, g["verdict"][s]) for s in off]
                         + [gain_cell(mean_off, d), gain_cell(diffs[key], d, calls[key]), Cell(diffs[key].unit)])
             rows[-1][1].shade = True
-        out.append(dict(k=k, table=Table(
+        out.append(dict(k=k, rows=found, table=Table(
             ["Method", f"Δ S={k} (=K)"] + [f"Δ S={s}" for s in off] + ["Δ mean S≠K", "Δ(S≠K) − Δ(S=K)", "interval over"],
             rows, caption=f"Trained at K = {k}: gain over base at the training step count (shaded) and at the step "
                           f"counts it was not trained at, test split, [{LEVEL_PCT}% interval]. Last column: mean "
@@ -566,6 +569,7 @@ def provenance(results: Results) -> dict:
                       ("params.eval.seed", "eval noise seed"), ("params.eval.steps", "eval step counts")):
         if key in runs:
             facts.append((name, _counts(runs[key])))
+    facts += [(k, _counts(runs["tags." + k])) for k in tags(PROVENANCE)]  # CPU, torch build, float settings
     libraries = [(k[len("lib."):], _counts(runs["tags." + k])) for k in tags("lib.")]
     rewards = []
     for reward in sorted(results.scores["reward"].unique()) if len(results.scores) else []:
@@ -595,7 +599,10 @@ def _groups(scores: pd.DataFrame):
             yield key
 
 
-def build_group(results: Results, key: tuple, *, n_boot: int, seed: int, grid_samples: int, many: bool) -> dict:
+def build_group(results: Results, key: tuple, *, n_boot: int, seed: int, grid_samples: int, many: bool,
+                figures: bool = True) -> dict:
+    """One (experiment, model, training reward) section; ``figures=False`` leaves out plots and image grids (the
+    README and replicate need the numbers only)."""
     experiment, model, train_reward = key
     scores = results.scores
     group = scores[(scores["experiment"] == experiment) & (scores["model"] == model)
@@ -620,7 +627,7 @@ def build_group(results: Results, key: tuple, *, n_boot: int, seed: int, grid_sa
         assumed |= not all(ok for _, ok in nfe)
         by_nfe.append(plots.Series(name, k[0], [x for x, _ in nfe], y, [], [], k[1]))
     train_ks = {k[1] for k in keys if k[1] >= 0}
-    curves = plots.step_curves(by_steps, by_nfe, main.reward, train_ks)
+    curves = plots.step_curves(by_steps, by_nfe, main.reward, train_ks) if figures else None
 
     points = []
     for k in keys:
@@ -635,20 +642,22 @@ def build_group(results: Results, key: tuple, *, n_boot: int, seed: int, grid_sa
         title=title, model=model, train_reward=train_reward, experiment=experiment, steps=steps,
         train_steps=sorted(train_ks), main=main, heldout=tables[1:], curves=curves, nfe_assumed=assumed,
         stepgen=step_generalization(main, steps),
-        cost=cost_table(run_sets, keys), cost_plot=plots.cost_scatter(points, main.reward) if points else None,
-        grid=image_grid(results, rows, keys, steps, main.reward, grid_samples),
+        cost=cost_table(run_sets, keys), cost_plot=plots.cost_scatter(points, main.reward) if points and figures else None,
+        grid=image_grid(results, rows, keys, steps, main.reward, grid_samples) if figures else None,
         claims=evaluate_claims(title, bl, run_sets, main.reward, steps, n_boot=n_boot, seed=seed,
                                failed=failed_methods(results, experiment, model, train_reward)),
         n_prompts=int(rows["prompt_idx"].nunique()), n_samples=int(rows["sample_idx"].nunique()),
     )
 
 
-def build_context(results: Results, *, n_boot: int = stats.N_BOOT, seed: int = 0, grid_samples: int = 3) -> dict:
+def build_context(results: Results, *, n_boot: int = stats.N_BOOT, seed: int = 0, grid_samples: int = 3,
+                  figures: bool = True) -> dict:
     runs, scores = results.runs, results.scores
     status = runs["status"].value_counts().to_dict()
     keys = list(_groups(scores)) if len(scores) else []
     many = len({k[0] for k in keys}) > 1
-    groups = [build_group(results, k, n_boot=n_boot, seed=seed, grid_samples=grid_samples, many=many) for k in keys]
+    groups = [build_group(results, k, n_boot=n_boot, seed=seed, grid_samples=grid_samples, many=many, figures=figures)
+              for k in keys]
     problems = list(results.problems)
     if status.get("RUNNING"):
         problems.append(f"{status['RUNNING']} run(s) still RUNNING were left out")

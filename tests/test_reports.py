@@ -49,13 +49,13 @@ CELLS = {
 FAILED = ("spo", 2, 0, "RuntimeError: <b>boom</b> budget exhausted")
 
 
-def synthetic_values(method: str, seed: int, reward: str) -> np.ndarray:
+def synthetic_values(method: str, seed: int, reward: str, gain: list[float] | None = None) -> np.ndarray:
     """(N_SAMPLES, len(STEPS)) scores: shared prompt/noise effects + method gain + per-seed jitter."""
     shared = np.random.default_rng(1000 + REWARDS.index(reward))
     prompt_effect = shared.normal(0.5, 0.15, N_PROMPTS)
     noise_effect = shared.normal(0.0, 0.1, (N_SAMPLES, len(STEPS)))  # same for every method: the pairing
     step_effect = np.array([-0.1, 0.0, 0.05, 0.08])
-    gain = np.array(CELLS[method][2]) * (1.0 if reward == REWARDS[0] else -0.5)  # held-out: mild reward hacking
+    gain = np.array(CELLS[method][2] if gain is None else gain) * (1.0 if reward == REWARDS[0] else -0.5)  # hacking
     own = np.random.default_rng(zlib.crc32(f"{method}/{seed}/{reward}".encode()))
     jitter = 0.0 if method == "base" else own.normal(0, 0.02) + own.normal(0, 0.03, (N_SAMPLES, len(STEPS)))
     prompt_idx = np.arange(N_SAMPLES) % N_PROMPTS
@@ -96,7 +96,7 @@ def write_store(root: Path, *, template: Path | None = None, failed: bool = True
     exp = store.experiment_id(grid)
     records = []
     extra = tags or {}
-    for method, (k, seeds, _) in (cells or CELLS).items():
+    for method, (k, seeds, gain) in (cells or CELLS).items():
         for seed in seeds:
             name = tracking.run_name(method, "toy-turbo", REWARDS[0], k, seed)
             tags = dict(method=method, model="toy-turbo", reward=REWARDS[0], seed=seed, grid=grid,
@@ -111,7 +111,7 @@ def write_store(root: Path, *, template: Path | None = None, failed: bool = True
                 rows = []
                 for split, offset in SPLITS.items():
                     for reward in REWARDS:
-                        values = synthetic_values(method, seed, reward) + offset
+                        values = synthetic_values(method, seed, reward, gain) + offset
                         for i in range(N_SAMPLES):
                             for c, s in enumerate(STEPS):
                                 rows.append(dict(run_id=run.run_id, cell_id=tags["cell_id"], method=method,
