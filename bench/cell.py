@@ -284,8 +284,8 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
         seed_everything(seed)
         spec = models.get(cfg["model"]["name"])
         train_set = prompt_sets.load(cfg["prompts"])
-        eval_prompts = list(prompt_sets.load(cfg["eval"]["prompts"]).eval)
-        run.log_prompts(eval_prompts, name=f"{cfg['eval']['prompts']}/eval", context="eval")
+        eval_prompts = list(prompt_sets.load(cfg["eval"]["prompts"]).test)
+        run.log_prompts(eval_prompts, name=f"{cfg['eval']['prompts']}/test", context="eval")
         if not base:
             run.log_prompts(list(train_set.train), name=f"{cfg['prompts']}/train", context="train")
 

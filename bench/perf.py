@@ -130,7 +130,7 @@ def toy_model_path(cache: Path | None = None) -> tuple[str | None, str]:
 def _prompts(n: int) -> list[str]:
     from tasks.toy.world import all_prompts
 
-    pool = all_prompts("eval")
+    pool = all_prompts("test")
     return [pool[i % len(pool)] for i in range(n)]
 
 

@@ -875,7 +875,7 @@ class Sweep:
         cid = grids.cell_id(cfg)
         trial.set_user_attr("cell_id", cid)
         ev = cfg["eval"]
-        probe = Probe(trial, self.milestones, prompts=list(prompt_sets.load(ev["prompts"]).eval),
+        probe = Probe(trial, self.milestones, prompts=list(prompt_sets.load(ev["prompts"]).val),
                       steps=self.probe_steps, n=self.conf.intermediate.n, eval_seed=int(ev["seed"]),
                       batch_size=min(int(ev["batch_size"]), self.conf.intermediate.n), reward_name=self.reward)
         since = int(time.time() * 1000) - 1000

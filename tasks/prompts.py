@@ -1,18 +1,23 @@
-"""Prompt sets with fixed, disjoint train/eval splits: `load(name) -> PromptSet`, `names()`.
+"""Prompt sets with fixed, disjoint train/val/test splits: `load(name) -> PromptSet`, `names()`.
 
-| name           | train / eval | source |
-| -------------- | ------------ | ------ |
-| toy            | world's own  | `tasks.toy.world.all_prompts("train" / "eval")`, single-object prompts |
-| toy-hard       | world's own  | `tasks.toy.world.all_prompts(split, hard=True)`, two-object compositions |
-| simple-animals | 36 / 9       | the 45 animals of DDPO's `simple_animals.txt` (tasks/data/simple_animals.txt) |
-| hps            | 80 / 20      | 100 prompts written for stepbench in the 4 HPSv2 styles (tasks/data/hps_styles.csv) |
-| drawbench      | 151 / 49     | DrawBench's 200 prompts, 11 categories (tasks/data/drawbench.csv) |
+Alignment trains on `train`; anything that tunes or selects (sweeps, preset probes) reads `val`; leaderboards,
+claims and the README read `test`.
+
+| name           | train / val / test | source |
+| -------------- | ------------------ | ------ |
+| toy            | world's own        | `tasks.toy.world.all_prompts(split)`, single-object prompts |
+| toy-hard       | world's own        | `tasks.toy.world.all_prompts(split, hard=True)`, two-object compositions |
+| simple-animals | 29 / 7 / 9         | the 45 animals of DDPO's `simple_animals.txt` (tasks/data/simple_animals.txt) |
+| hps            | 64 / 16 / 20       | 100 prompts written for stepbench in the 4 HPSv2 styles (tasks/data/hps_styles.csv) |
+| drawbench      | 119 / 32 / 49      | DrawBench's 200 prompts, 11 categories (tasks/data/drawbench.csv) |
 
 File-based sets are split per category (style, DrawBench category; one group for the animals): a
-seeded shuffle of each group puts round(EVAL_FRACTION * n) prompts (at least one when n >= 2) in eval,
-and both lists keep the file's order. The split depends only on the file and SPLIT_SEED, so it is
-identical on every machine and run. Note DDPO itself trains and evaluates on all 45 animals; here the
-eval animals are held out so that evaluation measures generalisation like every other cell.
+seeded shuffle of each group puts round(TEST_FRACTION * n) prompts (at least one when n >= 2) in test,
+then a second seeded shuffle of each group's remaining prompts puts round(VAL_FRACTION * n) of them in
+val; every list keeps the file's order. The test split is the held-out split these sets always had. The
+splits depend only on the file and SPLIT_SEED, so they are identical on every machine and run. Note DDPO
+itself trains and evaluates on all 45 animals; here the test animals are held out so that evaluation
+measures generalisation like every other cell.
 """
 
 from __future__ import annotations
@@ -26,15 +31,17 @@ from tasks.registry import Registry
 
 DATA = Path(__file__).parent / "data"
 SPLIT_SEED = 0
-EVAL_FRACTION = 0.2  # simple-animals and hps; DrawBench uses DRAWBENCH_EVAL_FRACTION
-DRAWBENCH_EVAL_FRACTION = 0.25
+TEST_FRACTION = 0.2  # simple-animals and hps; DrawBench uses DRAWBENCH_TEST_FRACTION
+DRAWBENCH_TEST_FRACTION = 0.25
+VAL_FRACTION = 0.2  # of each group's prompts left after the test split
 
 
 @dataclass(frozen=True)
 class PromptSet:
     name: str
     train: list[str]
-    eval: list[str]
+    val: list[str]
+    test: list[str]
     source: str
     category: dict[str, str] = field(default_factory=dict)  # prompt -> category/style, where the set has one
 
@@ -54,18 +61,29 @@ def load(name: str) -> PromptSet:
 # --------------------------------------------------------------------------------------------------
 
 
-def split(prompts: list[str], groups: list[str] | None, *, eval_fraction: float, key: str) -> tuple[list[str], list[str]]:
-    """Deterministic stratified split -> (train, eval), disjoint, each in the input order."""
+def split(prompts: list[str], groups: list[str] | None, *, fraction: float, key: str) -> tuple[list[str], list[str]]:
+    """Deterministic stratified split -> (kept, held_out), disjoint, each in the input order; held_out takes
+    round(fraction * n) prompts of every group of n (at least one when n >= 2)."""
     groups = groups if groups is not None else [""] * len(prompts)
-    eval_index: set[int] = set()
+    held_index: set[int] = set()
     for group in sorted(set(groups)):
         members = [i for i, g in enumerate(groups) if g == group]
-        n_eval = max(round(eval_fraction * len(members)), 1 if len(members) >= 2 else 0)
+        n_held = max(round(fraction * len(members)), 1 if len(members) >= 2 else 0)
         random.Random(f"{key}/{group}/{SPLIT_SEED}").shuffle(members)
-        eval_index.update(members[:n_eval])
-    train = [p for i, p in enumerate(prompts) if i not in eval_index]
-    held_out = [p for i, p in enumerate(prompts) if i in eval_index]
-    return train, held_out
+        held_index.update(members[:n_held])
+    kept = [p for i, p in enumerate(prompts) if i not in held_index]
+    held_out = [p for i, p in enumerate(prompts) if i in held_index]
+    return kept, held_out
+
+
+def three_way(prompts: list[str], groups: list[str] | None, *, test_fraction: float,
+              key: str) -> tuple[list[str], list[str], list[str]]:
+    """(train, val, test): test as `split(..., fraction=test_fraction)`, then val carved from the rest per group."""
+    group_of = dict(zip(prompts, groups)) if groups is not None else None
+    rest, test = split(prompts, groups, fraction=test_fraction, key=key)
+    train, val = split(rest, [group_of[p] for p in rest] if group_of else None, fraction=VAL_FRACTION,
+                       key=f"{key}/val")
+    return train, val, test
 
 
 def _data_lines(filename: str) -> list[str]:
@@ -84,8 +102,8 @@ def toy() -> PromptSet:
     from tasks.toy import world  # lazy: the toy world is only imported when its prompts are asked for
 
     return PromptSet(
-        "toy", world.all_prompts("train"), world.all_prompts("eval"),
-        "procedural toy world: single-object prompts, split by tasks.toy.world.all_prompts('train'/'eval')",
+        "toy", *(world.all_prompts(split) for split in world.SPLITS),
+        "procedural toy world: single-object prompts, split by tasks.toy.world.all_prompts('train'/'val'/'test')",
     )
 
 
@@ -94,29 +112,29 @@ def toy_hard() -> PromptSet:
     from tasks.toy import world
 
     return PromptSet(
-        "toy-hard", world.all_prompts("train", hard=True), world.all_prompts("eval", hard=True),
+        "toy-hard", *(world.all_prompts(split, hard=True) for split in world.SPLITS),
         "procedural toy world: two-object compositions, split by tasks.toy.world.all_prompts(split, hard=True); "
-        "eval compositions are unseen by the base model",
+        "test compositions are unseen by the base model",
     )
 
 
 @PROMPT_SETS.register("simple-animals")
 def simple_animals() -> PromptSet:
     prompts = _data_lines("simple_animals.txt")
-    train, held_out = split(prompts, None, eval_fraction=EVAL_FRACTION, key="simple-animals")
+    train, val, test = three_way(prompts, None, test_fraction=TEST_FRACTION, key="simple-animals")
     return PromptSet(
-        "simple-animals", train, held_out,
+        "simple-animals", train, val, test,
         "DDPO (Black et al. 2023) simple_animals.txt, 45 animals, prompt = the bare word; "
-        f"stepbench split: seeded, {len(held_out)} held out for eval",
+        f"stepbench split: seeded, {len(test)} held out for test, {len(val)} for val",
     )
 
 
 @PROMPT_SETS.register("hps")
 def hps() -> PromptSet:
     prompts, styles = _read_csv("hps_styles.csv", "style")
-    train, held_out = split(prompts, styles, eval_fraction=EVAL_FRACTION, key="hps")
+    train, val, test = three_way(prompts, styles, test_fraction=TEST_FRACTION, key="hps")
     return PromptSet(
-        "hps", train, held_out,
+        "hps", train, val, test,
         "written for stepbench (not copied from HPD v2 / the HPSv2 benchmark): 25 prompts in each HPSv2 style "
         "(anime, concept-art, paintings, photo); split per style",
         dict(zip(prompts, styles)),
@@ -126,9 +144,9 @@ def hps() -> PromptSet:
 @PROMPT_SETS.register("drawbench")
 def drawbench() -> PromptSet:
     prompts, categories = _read_csv("drawbench.csv", "category")
-    train, held_out = split(prompts, categories, eval_fraction=DRAWBENCH_EVAL_FRACTION, key="drawbench")
+    train, val, test = three_way(prompts, categories, test_fraction=DRAWBENCH_TEST_FRACTION, key="drawbench")
     return PromptSet(
-        "drawbench", train, held_out,
+        "drawbench", train, val, test,
         "DrawBench (Saharia et al. 2022, Imagen): 200 prompts in 11 categories, transcribed from public copies; "
         "split per category",
         dict(zip(prompts, categories)),

@@ -285,7 +285,7 @@ def test_toy_rewards_reuse_one_verifier_pass_exactly():
     from tasks.toy.world import all_prompts
 
     torch.manual_seed(0)
-    prompts = all_prompts("eval")[:6]
+    prompts = all_prompts("test")[:6]
     images = torch.rand(6, 3, 32, 32)
     images[:, :, 8:20, 8:20] = 0.9  # a square on noise
     expected = verify.score(images, prompts)

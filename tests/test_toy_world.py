@@ -14,11 +14,14 @@ def test_prompt_grammar_round_trips_and_splits_are_disjoint():
         assert len(prompts) == len(set(prompts)) == (90 if hard else 54)
         for p in prompts:
             assert world.prompt_text(world.parse_prompt(p)) == p
-        train_, eval_ = world.all_prompts("train", hard=hard), world.all_prompts("eval", hard=hard)
-        assert not set(train_) & set(eval_)
-        assert sorted(train_ + eval_) == sorted(prompts)
-    # the base model never sees the held-out two-object compositions
-    assert not set(world.pretraining_prompts()) & set(world.all_prompts("eval", hard=True))
+        train_, val, test = (world.all_prompts(split, hard=hard) for split in ("train", "val", "test"))
+        assert not set(train_) & set(val) and not set(train_) & set(test) and not set(val) & set(test)
+        assert sorted(train_ + val + test) == sorted(prompts)
+        assert (len(train_), len(val), len(test)) == ((45, 15, 30) if hard else (31, 10, 13))
+    # the base model never sees the test two-object compositions
+    assert not set(world.pretraining_prompts()) & set(world.all_prompts("test", hard=True))
+    with pytest.raises(ValueError, match="unknown split 'eval'; available: all, train, val, test"):
+        world.all_prompts("eval")
 
 
 @pytest.mark.parametrize("bad", ["a purple circle", "four red squares", "two red square", "a red circle and two blue squares"])

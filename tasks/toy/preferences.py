@@ -119,7 +119,7 @@ def write_dataset(out: str | Path, *, split: str = "train", hard: bool = False, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="output folder (or .parquet file with --layout parquet)")
-    parser.add_argument("--split", default="train", choices=("train", "eval", "all"))
+    parser.add_argument("--split", default="train", choices=("train", "val", "test", "all"))
     parser.add_argument("--hard", action="store_true", help="two-object prompts")
     parser.add_argument("--pairs-per-prompt", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

@@ -94,7 +94,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def _prompt_stream(rng: np.random.Generator, n: int, hard_fraction: float) -> list[str]:
-    singles, pairs = world.all_prompts("all"), world.all_prompts("train", hard=True)
+    pretraining = world.pretraining_prompts()
+    singles, pairs = [p for p in pretraining if " and " not in p], [p for p in pretraining if " and " in p]
     hard = rng.random(n) < hard_fraction
     return [pairs[rng.integers(len(pairs))] if h else singles[rng.integers(len(singles))] for h in hard]
 
@@ -219,8 +220,8 @@ def _trailing(n: int) -> list[int]:
 def measure(pipe: ToyPipeline, steps: list[int], n: int = 1024, guidance: float = 0.0, seed: int = 0,
             prompts: list[str] | None = None, progress: bool = True) -> dict:
     """Verifier rewards at each step count over n fixed-seed samples, balanced over prompts
-    (default: the held-out single-object prompts)."""
-    prompts = prompts or world.all_prompts("eval")
+    (default: the single-object test prompts)."""
+    prompts = prompts or world.all_prompts("test")
     table = {}
     for s in steps:
         gen = torch.Generator().manual_seed(seed)
@@ -258,7 +259,7 @@ def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None =
                       "rewards": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=BASE_GUIDANCE,
                                          progress=progress),
                       "rewards_hard": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=BASE_GUIDANCE,
-                                              prompts=world.all_prompts("eval", hard=True), progress=progress)})
+                                              prompts=world.all_prompts("test", hard=True), progress=progress)})
         (base_dir / "measured.json").write_text(json.dumps(entry, indent=2))
     if which == "toy-turbo":
         t1 = time.time()
@@ -268,7 +269,7 @@ def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None =
         report["toy-turbo"] = {"seconds": round(time.time() - t1, 1), "recipe": asdict(recipe.turbo),
                                "rewards": measure(turbo, [1, 2, 4, 8], n_measure, progress=progress),
                                "rewards_hard": measure(turbo, [1, 2, 4, 8], n_measure, progress=progress,
-                                                       prompts=world.all_prompts("eval", hard=True)),
+                                                       prompts=world.all_prompts("test", hard=True)),
                                "guidance": 0.0, "n": n_measure}
         (turbo_dir / "measured.json").write_text(json.dumps(report["toy-turbo"], indent=2))
     for folder in (base_dir, Path(out) / "toy-turbo"):

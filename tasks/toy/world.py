@@ -76,25 +76,35 @@ def _pair_prompts() -> list[str]:
     return out
 
 
-def all_prompts(split: str = "all", hard: bool = False) -> list[str]:
-    """Prompt lists. Single-object prompts (54): "eval" holds out every 4th one; the base model is
-    pretrained on all of them (alignment trains on "train" and is measured on unseen "eval" prompts).
-    Hard two-object prompts (90): "eval" holds out every 3rd composition, which the base model never saw.
-    """
-    prompts = _pair_prompts() if hard else _single_prompts()
+SPLITS = ("train", "val", "test")
+
+
+def _split_of(index: int, hard: bool) -> str:
+    # test: every 4th single-object prompt, every 3rd composition; val: every 4th of the rest
     every = 3 if hard else 4
+    if index % every == every - 1:
+        return "test"
+    return "val" if (index - index // every) % 4 == 3 else "train"
+
+
+def all_prompts(split: str = "all", hard: bool = False) -> list[str]:
+    """Prompt lists, disjoint splits "train" / "val" / "test" (or "all"), each in the grammar's order.
+
+    Single-object prompts (54): 31 train, 10 val, 13 test; the base model is pretrained on all of them
+    (alignment trains on "train", is tuned on "val" and measured on "test", prompts it never trained on).
+    Hard two-object prompts (90): 45 train, 15 val, 30 test; the test compositions are unseen by the base.
+    """
+    if split not in ("all", *SPLITS):
+        raise ValueError(f"unknown split {split!r}; available: all, {', '.join(SPLITS)}")
+    prompts = _pair_prompts() if hard else _single_prompts()
     if split == "all":
         return prompts
-    if split == "eval":
-        return prompts[every - 1 :: every]
-    if split == "train":
-        return [p for i, p in enumerate(prompts) if i % every != every - 1]
-    raise ValueError(f"unknown split {split!r}; available: all, eval, train")
+    return [p for i, p in enumerate(prompts) if _split_of(i, hard) == split]
 
 
 def pretraining_prompts() -> list[str]:
-    """What `toy-base` learns from: every single-object prompt and the training two-object compositions."""
-    return all_prompts("all") + all_prompts("train", hard=True)
+    """What `toy-base` learns from: every single-object prompt and the non-test two-object compositions."""
+    return all_prompts("all") + all_prompts("train", hard=True) + all_prompts("val", hard=True)
 
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, grid: np.ndarray) -> np.ndarray:
