@@ -79,7 +79,7 @@ def test_run_name_tags_params_metrics_artifacts(finished_store):
     # prompts are the run's dataset inputs
     inputs = client.get_run(row.run_id).inputs.dataset_inputs
     contexts = {[t.value for t in i.tags if t.key == "mlflow.data.context"][0]: i.dataset.name for i in inputs}
-    assert contexts == {"eval": "toy/eval", "train": "toy/train"}
+    assert contexts == {"eval": "toy/test", "train": "toy/train"}
 
 
 def test_scores_parquet_matches_logged_summary(finished_store):
