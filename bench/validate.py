@@ -278,7 +278,7 @@ def min_update_nfe(config: Any, train_steps: int, nfe_per_predict: int) -> int:
 
 
 def _eval_split_names(cfg: Any) -> list[str]:
-    return [str(s) for s in cfg.eval.get("splits", None) or ["eval"]]
+    return [str(s) for s in cfg.eval.get("splits", None) or ["val", "test"]]
 
 
 def _check_prompts(cfg: Any, spec: Any) -> None:
