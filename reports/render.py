@@ -369,11 +369,16 @@ def image_grid(results: Results, rows: pd.DataFrame, keys: list, steps: tuple[in
             chosen[key] = (part.loc[part["seed"] == seed, "run_id"].iloc[0], seed)
     images, missing = {}, []
     for key, (run_id, _) in chosen.items():
+        absent = []
         for s in steps:
             arrays = sample_arrays(results.uri, run_id, s)
             if not arrays:
-                missing.append(f"{row_name(key, short=True)} S={s}: no eval/{REPORT_SPLIT}/samples_s{s}.npz")
+                absent.append(str(s))
             images.update({(key, s, j): img for j, img in arrays.items()})
+        if absent:
+            missing.append(f"{row_name(key, short=True)} at S = {', '.join(absent)}")
+    if missing and not images:
+        missing = [f"no run logged eval/{REPORT_SPLIT}/samples_s<S>.npz (runs from before the sample arrays)"]
     run_ids = [r for r, _ in chosen.values()]
     mine = rows[rows["run_id"].isin(run_ids)]
     per_image = mine.pivot_table(index=["run_id", "S", "sample_idx"], columns="reward", values="value", aggfunc="first")

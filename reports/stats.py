@@ -36,6 +36,7 @@ positive / negative, else ``inconclusive``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -140,16 +141,19 @@ def draw_seeds(rng: np.random.Generator, n_seeds: int, n_boot: int) -> np.ndarra
 
 def draw_pairs(rng: np.random.Generator, prompts: np.ndarray, n_boot: int) -> np.ndarray:
     """(n_boot, n_pairs) how often each (prompt, noise) pair is drawn: prompts with replacement, then for each
-    drawn copy of a prompt its noises with replacement. m copies of a prompt with n noises draw n noises each,
-    which in total is one multinomial of m * n draws over the prompt's noises."""
+    drawn copy of a prompt its noises with replacement (as many as the prompt has)."""
     _, codes = np.unique(prompts, return_inverse=True)
-    n_prompts = int(codes.max()) + 1 if len(codes) else 0
-    copies = rng.multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=n_boot)  # (B, n_prompts)
-    weights = np.zeros((n_boot, len(codes)))
-    for c in range(n_prompts):
-        members = np.flatnonzero(codes == c)
-        weights[:, members] = rng.multinomial(copies[:, c] * len(members), np.full(len(members), 1.0 / len(members)))
-    return weights
+    n_pairs = len(codes)
+    sizes = np.bincount(codes)
+    order = np.argsort(codes, kind="stable")  # pair indices grouped by prompt
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    picked = rng.integers(0, len(sizes), size=(n_boot, len(sizes)))  # (B, n_prompts) drawn prompts
+    width = int(sizes.max())
+    slot = np.floor(rng.random((n_boot, len(sizes), width)) * sizes[picked][..., None]).astype(np.int64)
+    used = np.arange(width)[None, None, :] < sizes[picked][..., None]  # a copy draws as many noises as it has
+    pair = order[starts[picked][..., None] + np.minimum(slot, sizes[picked][..., None] - 1)]
+    flat = (np.arange(n_boot)[:, None, None] * n_pairs + pair)[used]
+    return np.bincount(flat, minlength=n_boot * n_pairs).reshape(n_boot, n_pairs).astype(float)
 
 
 def step_means(values: np.ndarray, valid: np.ndarray, seed_w: np.ndarray, pair_w: np.ndarray) -> np.ndarray:
@@ -241,6 +245,15 @@ def _prepare(block: Block, valid: np.ndarray | None = None):
     return values, valid
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_pair_draws(prompts: tuple[int, ...], n_boot: int, seed: int) -> np.ndarray:
+    """The prompt-and-noise draws of one bootstrap seed, shared by every row compared on the same pairs (rows of a
+    leaderboard are aligned on the same pairs, so they are drawn once per table instead of once per row)."""
+    draws = draw_pairs(np.random.default_rng(seed), np.asarray(prompts), n_boot)
+    draws.setflags(write=False)
+    return draws
+
+
 def _resampled(values, valid, n_prompts, pair_draws, rng, n_boot) -> Resampled:
     n_seeds = len(values)
     ones_s, ones_p = np.ones((1, n_seeds)), np.ones((1, values.shape[1]))
@@ -254,8 +267,8 @@ def _resampled(values, valid, n_prompts, pair_draws, rng, n_boot) -> Resampled:
 def resample(block: Block, *, n_boot: int = N_BOOT, seed: int = 0) -> Resampled:
     """Bootstrap a row over its training seeds, prompts and noises within prompt."""
     values, valid = _prepare(block)
-    rng = np.random.default_rng(seed)
-    return _resampled(values, valid, block.n_prompts, draw_pairs(rng, block.prompts, n_boot), rng, n_boot)
+    pair_draws = _shared_pair_draws(tuple(block.prompts.tolist()), n_boot, seed)
+    return _resampled(values, valid, block.n_prompts, pair_draws, np.random.default_rng((seed, 1)), n_boot)
 
 
 def resample_paired(a: Block, b: Block, *, n_boot: int = N_BOOT, seed: int = 0) -> PairedResampled:
@@ -265,10 +278,9 @@ def resample_paired(a: Block, b: Block, *, n_boot: int = N_BOOT, seed: int = 0) 
         raise ValueError("paired comparisons need blocks aligned on the same pairs and steps (frame.blocks does this)")
     va, vb = distinct_seeds(a.values), distinct_seeds(b.values)
     valid = np.isfinite(va).all(axis=0) & np.isfinite(vb).all(axis=0)
-    rng = np.random.default_rng(seed)
-    pair_draws = draw_pairs(rng, a.prompts, n_boot)
-    return PairedResampled(_resampled(va, valid, a.n_prompts, pair_draws, rng, n_boot),
-                           _resampled(vb, valid, a.n_prompts, pair_draws, rng, n_boot))
+    pair_draws = _shared_pair_draws(tuple(a.prompts.tolist()), n_boot, seed)
+    return PairedResampled(_resampled(va, valid, a.n_prompts, pair_draws, np.random.default_rng((seed, 1)), n_boot),
+                           _resampled(vb, valid, a.n_prompts, pair_draws, np.random.default_rng((seed, 2)), n_boot))
 
 
 def mean_ci(block: Block, statistic: Statistic, *, n_boot: int = N_BOOT, seed: int = 0,
