@@ -24,6 +24,7 @@ from reports.frame import (
     GROUP,
     REPORT_SPLIT,
     STANDIN_NOTE,
+    SWEEP_PREFIX,
     UNTRAINED,
     Results,
     artifact,
@@ -289,22 +290,29 @@ def train_nfe(runs: pd.DataFrame) -> float:
 
 
 def inference_nfe_per_image(runs: pd.DataFrame, reward: str, s: int) -> tuple[float, bool]:
-    """NFEs per evaluation image at S from ``cost/eval_nfe/s<S>`` and the images it counted (every split's
-    ``eval/<split>/<reward>/s<S>/n``; ``eval/<reward>/s<S>/n`` in stores from before the splits); else S (assumed)."""
-    total = metric_mean(runs, f"cost/eval_nfe/s{s}")
-    per_split = [c for c in runs.columns if re.fullmatch(rf"metrics\.eval/[^/]+/{re.escape(reward)}/s{s}/n", c)]
-    n = (sum(metric_mean(runs, c[len("metrics."):]) for c in per_split) if per_split
-         else metric_mean(runs, f"eval/{reward}/s{s}/n"))
-    if math.isfinite(total) and math.isfinite(n) and n > 0:
-        return total / n, True
+    """NFEs per test image at S: ``cost/eval_nfe/test/s<S>`` over ``eval/test/<reward>/s<S>/n`` (stores from before
+    the splits: ``cost/eval_nfe/s<S>`` over ``eval/<reward>/s<S>/n``); else S (assumed)."""
+    for total_key, n_key in ((f"cost/eval_nfe/{REPORT_SPLIT}/s{s}", f"eval/{REPORT_SPLIT}/{reward}/s{s}/n"),
+                             (f"cost/eval_nfe/s{s}", f"eval/{reward}/s{s}/n")):
+        total, n = metric_mean(runs, total_key), metric_mean(runs, n_key)
+        if math.isfinite(total) and math.isfinite(n) and n > 0:
+            return total / n, True
     return float(s), False
+
+
+def eval_nfe(runs: pd.DataFrame) -> float:
+    """Evaluation NFEs of the test split (all S) per run; ``cost/eval_nfe`` (every split) in older stores."""
+    per_s = [c[len("metrics."):] for c in runs.columns if re.fullmatch(rf"metrics\.cost/eval_nfe/{REPORT_SPLIT}/s\d+", c)]
+    if per_s:
+        return sum(metric_mean(runs, key) for key in per_s)
+    return metric_mean(runs, "cost/eval_nfe")
 
 
 def cost_table(run_sets: dict, keys: list) -> Table:
     """Compute and resources per row, from the cost/* metrics bench.cell logs (mean over the row's runs)."""
     columns = [("training NFEs", si, lambda r: train_nfe(r)),
                ("reward calls", si, lambda r: metric_mean(r, "cost/reward_calls")),
-               ("eval NFEs", si, lambda r: metric_mean(r, "cost/eval_nfe")),
+               ("test eval NFEs", si, eval_nfe),
                ("train time (s)", lambda x: num(x, 1), lambda r: metric_mean(r, "cost/train_seconds")),
                ("wall time (s)", lambda x: num(x, 1), lambda r: metric_mean(r, "cost/wall_seconds")),
                ("peak RSS (MB)", lambda x: num(x, 0), lambda r: metric_mean(r, "cost/peak_rss_mb"))]
@@ -317,8 +325,8 @@ def cost_table(run_sets: dict, keys: list) -> Table:
                     + [Cell(fmt(get(runs))) for _, fmt, get in columns])
     return Table(["Method", "K", "runs"] + [name for name, _, _ in columns], rows,
                  caption="Mean per run over the row's seeds. Training NFEs = sampling + gradient denoiser passes; "
-                         "eval NFEs (all S) include inference-time search; wall time covers training and "
-                         "evaluation.", numeric_from=2)
+                         "test eval NFEs (all S, the test split) include inference-time search; wall time covers "
+                         "training and evaluation of every split.", numeric_from=2)
 
 
 # ----------------------------------------------------------------------------------------------- image grid
@@ -502,8 +510,8 @@ def evaluate_claims(title: str, bl: dict, run_sets: dict, reward: str, steps: tu
                 ra, rb = run_sets.get(ka, pd.DataFrame()), run_sets.get(kb, pd.DataFrame())
                 nfe_a, nfe_b = train_nfe(ra), train_nfe(rb)
                 if claim.compute == "total":
-                    nfe_a += metric_mean(ra, "cost/eval_nfe")
-                    nfe_b += metric_mean(rb, "cost/eval_nfe")
+                    nfe_a += eval_nfe(ra)
+                    nfe_b += eval_nfe(rb)
                 compute_text = f"{si(nfe_a)} vs {si(nfe_b)} {claim.compute} NFEs"
             note = ""
             if claim.a == "pso" and BASE in {k[0] for k in keys}:
@@ -642,6 +650,8 @@ def build_group(results: Results, key: tuple, *, n_boot: int, seed: int, grid_sa
             points.append(plots.Series(row_name(k), k[0], [x], [e.value], [e.lo], [e.hi], k[1]))
     bl = blocks(rows, main.reward, steps)
     title = f"{model} · trained on {train_reward}" + (f" · {experiment}" if many else "")
+    if experiment.startswith(SWEEP_PREFIX):  # asked for with --sweeps: its rows are the best trials' tuned configs
+        title += f" · tuned config (best trial) of sweep {experiment[len(SWEEP_PREFIX):]}"
     return dict(
         id=re.sub(r"[^a-z0-9]+", "-", f"{experiment}-{model}-{train_reward}".lower()).strip("-"),
         title=title, model=model, train_reward=train_reward, experiment=experiment, steps=steps,

@@ -133,6 +133,7 @@ def write_store(root: Path, *, template: Path | None = None, failed: bool = True
                 per_image = 4 if method == "inference_scaling" else 1
                 for s in STEPS:
                     metrics[f"cost/eval_nfe/s{s}"] = float(len(SPLITS) * N_SAMPLES * s * per_image)  # both splits
+                    metrics |= {f"cost/eval_nfe/{split}/s{s}": float(N_SAMPLES * s * per_image) for split in SPLITS}
                     for split in SPLITS:
                         for reward in REWARDS:
                             v = scores[(scores.S == s) & (scores.reward == reward) & (scores.split == split)].value
@@ -338,6 +339,9 @@ def test_claims_table(grid):
     assert claims["Diffusion-Sharpening"]["verdict"] == "not run"
     search = [c for c in grid["context"]["claims"] if c["source"] == "Inference-time scaling"]
     assert len(search) == 4 and all("total NFEs" in c["compute"] for c in search)
+    # total = training + the test split's evaluation NFEs: PSO 8,000 + 24 x 15 = 8.36k, best-of-4 24 x 15 x 4 = 1.44k
+    pso = next(c for c in search if c["comparison"].startswith("PSO"))
+    assert pso["compute"] == "8.36k vs 1.44k total NFEs"
 
 
 def test_failed_cells_are_listed_with_their_error(grid):
@@ -486,6 +490,8 @@ def test_sweeps_stay_out_of_the_default_report_and_show_their_best_trial_when_as
     assert any("1 sweep trial run(s) left out" in p for p in both.problems)
     named = load(uri, ["sweep/ddpo-study"])  # naming it is asking for it
     assert named.experiments == ["stepbench/sweep/ddpo-study"]
+    titles = [g["title"] for g in build_context(named, n_boot=50, figures=False)["groups"]]
+    assert titles == ["toy-turbo · trained on toy-all · tuned config (best trial) of sweep ddpo-study"]
     del store
 
 
