@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("sampler", "cells", "grid", "toy_grid", "paper")
-METHODS = ("base", "ddpo", "diffusion_dpo", "pso", "spo", "spo_reward_x0", "sdpo", "sharpening", "sharpening_sft", "sft", "inference_scaling")
+METHODS = ("base", "ddpo", "diffusion_dpo", "pso", "spo", "spo_reward_x0", "sdpo", "sharpening", "sharpening_sft", "sft", "inference_scaling",
+           "grpo", "nft")
 TARGETS = {"sampler_ratio": 1.10, "harness_overhead": 0.05, "peak_rss_mb": 2048.0, "grid_speedup": 1.6}
 TOY_SIZED_SMOKE = ("recipe=toy", "budget.nfe=2560", "eval.n=64", "eval.batch_size=64")
 """Overrides that turn the smoke grid's 5 cells into toy-sized ones (toy recipe, a few epochs, eval n 64)."""

@@ -75,6 +75,8 @@ for _name, _module, _attr in [
     ("sdpo_t_eq_k", "methods.sdpo", "SDPOTEqKMethod"),
     ("sharpening", "methods.sharpening", "SharpeningMethod"),
     ("sharpening_sft", "methods.sharpening", "SharpeningSFTMethod"),
+    ("grpo", "methods.grpo", "GRPOMethod"),
+    ("nft", "methods.nft", "NFTMethod"),
 ]:
     _REGISTRY.register(_name, _Lazy(_module, _attr))
 

@@ -11,6 +11,11 @@ a timetable.
   with t_prev = t - T // N and abar_prev = final_alpha_cumprod when t_prev < 0 (stored as -1). x0_hat is clipped
   when the scheduler's config says clip_sample. (DDPO's code clamps t_prev to 0 instead: with SD's
   set_alpha_to_one=False the two coincide.)
+  noise_rule="cps" (Flow-GRPO's "coefficient-preserving" sampling, GRPO) replaces the std by
+      std = sqrt(1 - abar_prev) sin(eta pi / 2),   so   sqrt(1 - abar_prev - std^2) = sqrt(1 - abar_prev) cos(eta pi / 2)
+  : the noise part of x_prev keeps the deterministic sampler's coefficient sqrt(1 - abar_prev) (the eps direction and
+  the fresh noise share it), where DDIM-eta's std is ~0 at the few-step grid's early steps. eta = 0 is DDIM's
+  deterministic step under both rules.
 * "euler_ancestral" (SDXL-Turbo, PSO), in the Euler parameterisation z = x / sqrt(abar) with sigma = sqrt((1-abar)/abar),
   exactly `EulerAncestralDiscreteScheduler.step` at eta = 1 (eta scales sigma_up as in k-diffusion; eta = 0 is the
   deterministic `EulerDiscreteScheduler`):
@@ -27,6 +32,9 @@ Log-probabilities are the per-element MEAN over C*H*W of the Gaussian log-densit
       log p = mean[-(x_next - mean)^2 / (2 std^2)] - log std - 0.5 log(2 pi)
 computed in float32, NaN where a step is deterministic (std = 0). t_prev is always passed explicitly, never read
 from the scheduler's mutable state.
+
+An SDE window (`sde_steps`, Flow-GRPO-Fast / MixGRPO): the grid steps listed take the stochastic step at `eta`, every
+other step the deterministic one (eta 0); the trajectory records the window, so `transition_log_prob` rescores with it.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ import torch
 from methods.policy import Conditioning, Policy
 
 KERNELS = ("ddim", "euler_ancestral", "lcm")
+NOISE_RULES = ("ddim", "cps")
+"""How the "ddim" kernel sets its std from eta: DDIM-eta (DDPO, SDPO) or coefficient-preserving (Flow-GRPO's CPS)."""
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -73,6 +83,27 @@ class Trajectory:
     """(B, C, h, w) float32 x_0 (kept also when record=False)."""
     k_start: int = 0
     """grid index of the first step (0 for `sample`)."""
+    noise_rule: str = "ddim"
+    """the "ddim" kernel's std rule (NOISE_RULES)."""
+    sde_steps: tuple[int, ...] | None = None
+    """grid indices that took the stochastic step (the SDE window); None = every step at `eta`."""
+
+    def step_eta(self, k: int) -> float:
+        """eta of this trajectory's step k (grid step k_start + k): 0 outside the SDE window."""
+        return step_eta(self.eta, self.sde_steps, self.k_start + k)
+
+
+def step_eta(eta: float, sde_steps, grid_index: int) -> float:
+    """eta at grid step `grid_index` under an SDE window `sde_steps` (None = every step stochastic)."""
+    return float(eta) if sde_steps is None or int(grid_index) in sde_steps else 0.0
+
+
+def _check_noise_rule(kernel: str, noise_rule: str) -> str:
+    if noise_rule not in NOISE_RULES:
+        raise ValueError(f"unknown noise_rule {noise_rule!r}; available: {', '.join(NOISE_RULES)}")
+    if noise_rule != "ddim" and kernel != "ddim":
+        raise ValueError(f"noise_rule {noise_rule!r} is a rule of the 'ddim' kernel; got kernel {kernel!r}")
+    return noise_rule
 
 
 # ----------------------------------------------------------------------------- scheduler tables
@@ -196,12 +227,15 @@ def x0_and_eps(prediction_type: str, out: torch.Tensor, x: torch.Tensor, abar: t
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
-def transition(kernel: str, scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t, t_prev, eta: float):
+def transition(kernel: str, scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t, t_prev, eta: float,
+               noise_rule: str = "ddim"):
     """One step's Gaussian: (mean (B,C,h,w), std (0-d or (B,1,1,1)), x0_pred (B,C,h,w)), all float32.
 
     t, t_prev: ints / 0-d tensors, or (B,) tensors for per-sample steps; t_prev = -1 is the final target.
-    `model_output` is the raw denoiser output for `model_input(kernel, scheduler, x_t, t)`.
+    `model_output` is the raw denoiser output for `model_input(kernel, scheduler, x_t, t)`. noise_rule: "ddim"
+    (DDIM-eta) or "cps" (coefficient-preserving; "ddim" kernel only).
     """
+    _check_noise_rule(kernel, noise_rule)
     tables = _tables(scheduler)
     out, x = model_output.float(), x_t.float()
     t, t_prev = _as_index(t), _as_index(t_prev)
@@ -229,7 +263,9 @@ def transition(kernel: str, scheduler, model_output: torch.Tensor, x_t: torch.Te
     x0, eps = x0_and_eps(tables.prediction_type, out, x, a_t)
     if tables.clip_range is not None:
         x0 = x0.clamp(-tables.clip_range, tables.clip_range)
-    if kernel == "ddim":
+    if kernel == "ddim" and noise_rule == "cps":
+        std = (1 - a_prev).clamp(min=0) ** 0.5 * math.sin(eta * math.pi / 2)
+    elif kernel == "ddim":
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0) ** 0.5
     else:
         std = eta * (1 - a_prev).clamp(min=0) ** 0.5
@@ -271,13 +307,16 @@ def sample(
     cond: Conditioning | None = None,
     record: bool = True,
     decode: bool = True,
+    noise_rule: str = "ddim",
+    sde_steps=None,
 ) -> Trajectory:
     """Sample `num_steps` steps from pure noise for each prompt.
 
     noise: standard-normal (B, C, h, w) initial noise; x_T = noise * init_noise_sigma (1 for DDIM/LCM, sigma_max
     for Euler). Drawn from `generator` when None, in the pipeline's order, so that `pipeline(..., generator=g)` and
     `sample(..., generator=g)` see the same numbers. kernel defaults to `policy.spec.scheduler`. record=False keeps
-    only `final_latents` and `images` (no per-step latents, log-probs or x0 predictions).
+    only `final_latents` and `images` (no per-step latents, log-probs or x0 predictions). noise_rule: the "ddim"
+    kernel's std rule ("ddim" | "cps"); sde_steps: grid indices of the stochastic steps (None = all), eta 0 elsewhere.
     """
     kernel = _check_kernel(kernel or policy.spec.scheduler)
     scheduler = policy.scheduler_for(kernel)
@@ -294,7 +333,7 @@ def sample(
     x_T = noise.to(policy.device, torch.float32) * float(scheduler.init_noise_sigma)
     return continue_from(
         policy, x_T, 0, num_steps, cond=cond, kernel=kernel, eta=eta, generator=generator, record=record,
-        decode=decode,
+        decode=decode, noise_rule=noise_rule, sde_steps=sde_steps,
     )
 
 
@@ -312,22 +351,32 @@ def continue_from(
     generator: torch.Generator | None = None,
     record: bool = True,
     decode: bool = True,
+    noise_rule: str | None = None,
+    sde_steps=None,
 ) -> Trajectory:
     """Run grid steps k_start .. N-1 of an N-step grid from latent x_t (B, C, h, w) in the kernel's
     parameterisation (e.g. `traj.latents[:, k]`, or `renoise(...)`); SPO's branching and tree search restart here.
 
-    `traj` (the trajectory x_t came from) supplies num_steps, cond, kernel and eta unless given explicitly;
-    without it eta defaults to 1. k_start is a grid index; the returned trajectory's step 0 is grid step k_start.
+    `traj` (the trajectory x_t came from) supplies num_steps, cond, kernel, eta, noise_rule and sde_steps unless
+    given explicitly; without it eta defaults to 1. k_start is a grid index; the returned trajectory's step 0 is grid
+    step k_start.
     """
     if traj is not None:
         num_steps = traj.num_steps if num_steps is None else num_steps
         cond = traj.cond if cond is None and prompts is None else cond
         kernel = kernel or traj.kernel
         eta = traj.eta if eta is None else eta
+        noise_rule = noise_rule or traj.noise_rule
+        sde_steps = traj.sde_steps if sde_steps is None else sde_steps
     if num_steps is None:
         raise ValueError("continue_from needs num_steps (or the trajectory x_t came from as traj=...)")
     eta = 1.0 if eta is None else eta
     kernel = _check_kernel(kernel or policy.spec.scheduler)
+    noise_rule = _check_noise_rule(kernel, noise_rule or "ddim")
+    if sde_steps is not None:
+        sde_steps = tuple(sorted({int(g) for g in sde_steps}))
+        if any(not 0 <= g < num_steps for g in sde_steps):
+            raise ValueError(f"sde_steps {list(sde_steps)} must be grid indices in [0, {num_steps})")
     scheduler = policy.scheduler_for(kernel)
     if cond is None:
         cond = policy.encode_prompts(prompts)
@@ -342,10 +391,11 @@ def continue_from(
         for k in range(steps):
             t, t_prev = int(timesteps[k]), int(prev[k])
             output = policy.predict(model_input(kernel, scheduler, x, t), t_device[k], cond)
-            mean, std, x0_pred = transition(kernel, scheduler, output, x, t, t_prev, eta)
+            eta_k = step_eta(eta, sde_steps, k_start + k)
+            mean, std, x0_pred = transition(kernel, scheduler, output, x, t, t_prev, eta_k, noise_rule)
             is_stochastic = float(std) > 0
             # diffusers' Euler-A draws noise even for its sigma_up = 0 last step; mirror it to keep RNG streams equal.
-            if is_stochastic or (kernel == "euler_ancestral" and eta > 0):
+            if is_stochastic or (kernel == "euler_ancestral" and eta_k > 0):
                 noise = _randn(x.shape, generator, policy)
             x_next = mean + std * noise if is_stochastic else mean
             stochastic.append(is_stochastic)
@@ -372,6 +422,8 @@ def continue_from(
         nfe=steps * policy.nfe_per_predict,
         final_latents=x,
         k_start=k_start,
+        noise_rule=noise_rule,
+        sde_steps=sde_steps,
     )
 
 
@@ -398,6 +450,13 @@ def transition_log_prob(policy: Policy, traj: Trajectory, k: int, *, index=None)
     """(B,) log-density of the recorded transition k (x_k -> x_{k+1}) under the policy's CURRENT parameters, with
     gradients (call inside `policy.reference()` for the reference model). index: a subset of the batch rows.
     NaN for a deterministic step."""
+    mean, std, x_next = transition_gaussian(policy, traj, k, index=index)
+    return gaussian_log_prob(x_next, mean, std)
+
+
+def transition_gaussian(policy: Policy, traj: Trajectory, k: int, *, index=None):
+    """(mean, std, x_next) of the recorded transition k under the policy's CURRENT parameters: the Gaussian whose
+    density `transition_log_prob` evaluates at x_next (GRPO's closed-form KL needs the mean itself)."""
     if traj.latents is None:
         raise ValueError("this trajectory was sampled with record=False: no latents to score")
     latents = traj.latents if index is None else traj.latents[index]
@@ -406,19 +465,22 @@ def transition_log_prob(policy: Policy, traj: Trajectory, k: int, *, index=None)
     t, t_prev = traj.timesteps[k], traj.prev_timesteps[k]
     x, x_next = latents[:, k], latents[:, k + 1]
     output = policy.predict(model_input(traj.kernel, scheduler, x, t), t.to(policy.device), cond)
-    mean, std, _ = transition(traj.kernel, scheduler, output, x, t, t_prev, traj.eta)
-    return gaussian_log_prob(x_next, mean, std)
+    mean, std, _ = transition(traj.kernel, scheduler, output, x, t, t_prev, traj.step_eta(k), traj.noise_rule)
+    return mean, std, x_next
 
 
-def stochastic_steps(policy: Policy, num_steps: int, eta: float, kernel: str | None = None) -> torch.Tensor:
-    """(K,) bool: which of the K transitions have std > 0 (hence a log-prob) at this kernel, grid and eta. The std of
-    every kernel depends only on (t, t_prev, eta), so a dummy transition answers it before sampling."""
+def stochastic_steps(policy: Policy, num_steps: int, eta: float, kernel: str | None = None, *,
+                     noise_rule: str = "ddim", sde_steps=None) -> torch.Tensor:
+    """(K,) bool: which of the K transitions have std > 0 (hence a log-prob) at this kernel, grid, eta, noise rule
+    and SDE window. The std of every kernel depends only on (t, t_prev, eta), so a dummy transition answers it
+    before sampling."""
     kernel = kernel or policy.spec.scheduler
     scheduler = policy.scheduler_for(kernel)
     timesteps, prev = timestep_grid(scheduler, num_steps, kernel)
     dummy = torch.zeros(1, 1, 1, 1)
-    return torch.tensor([float(transition(kernel, scheduler, dummy, dummy, int(t), int(p), eta)[1]) > 0
-                         for t, p in zip(timesteps, prev)], dtype=torch.bool)
+    return torch.tensor([float(transition(kernel, scheduler, dummy, dummy, int(t), int(p),
+                                          step_eta(eta, sde_steps, g), noise_rule)[1]) > 0
+                         for g, (t, p) in enumerate(zip(timesteps, prev))], dtype=torch.bool)
 
 
 def trainable_steps(policy: Policy, num_steps: int, eta: float, kernel: str | None = None, *,

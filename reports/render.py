@@ -38,7 +38,8 @@ METHOD_LABELS = {
     "base": "base (untrained)", "ddpo": "DDPO", "sdpo": "SDPO", "diffusion_dpo": "Diffusion-DPO", "spo": "SPO",
     "spo_reward_x0": "SPO (reward on x̂0, no SPM)",
     "pso": "PSO", "sft": "SFT (plain fine-tuning)", "sharpening": "Diffusion-Sharpening (RLHF)",
-    "sharpening_sft": "Diffusion-Sharpening (SFT)", "inference_scaling": "Inference scaling",
+    "sharpening_sft": "Diffusion-Sharpening (SFT)", "grpo": "GRPO (Flow-GRPO)", "nft": "DiffusionNFT",
+    "inference_scaling": "Inference scaling",
 }
 SHORT_LABELS = {"base": "base", "sft": "SFT", "inference_scaling": "Inference scaling"}  # image-grid rows
 METHOD_ORDER = list(METHOD_LABELS)
@@ -440,6 +441,9 @@ CLAIMS = (
           "pso", "sft", "few"),
     Claim("Diffusion-Sharpening", "Sharpening reaches a given reward in fewer training NFEs than Diffusion-DPO",
           "sharpening", "diffusion_dpo", "all", "train"),
+    Claim("GRPO", "GRPO's group baseline and KL to the reference change step generalization: GRPO beats DDPO at the "
+          "step counts neither was trained at", "grpo", "ddpo", "untrained"),
+    Claim("DiffusionNFT", "NFT beats GRPO at equal training NFEs", "nft", "grpo", "all", "train"),
     Claim("Inference-time scaling", "A trained method beats inference-time search at equal total NFEs "
           "(training + evaluation)", "*", "inference_scaling", "all", "total"),
 )

@@ -26,8 +26,8 @@ from methods.common import (
 )
 from tasks.registry import UnknownNameError
 
-ALL_METHODS = ["base", "ddpo", "diffusion_dpo", "diffusion_dpo_online", "inference_scaling", "pso", "pso_offline", "sdpo",
-               "sdpo_t_eq_k", "sft", "sharpening", "sharpening_sft", "spo", "spo_reward_x0"]
+ALL_METHODS = ["base", "ddpo", "diffusion_dpo", "diffusion_dpo_online", "grpo", "inference_scaling", "nft", "pso",
+               "pso_offline", "sdpo", "sdpo_t_eq_k", "sft", "sharpening", "sharpening_sft", "spo", "spo_reward_x0"]
 
 
 # ---------------------------------------------------------------------------------------------- registry

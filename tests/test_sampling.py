@@ -384,3 +384,57 @@ def test_unknown_kernel_names_valid_ones():
     _, policy = sd_policy()
     with pytest.raises(UnknownNameError, match="unknown sampling kernel 'dpm'; available: ddim, euler_ancestral, lcm"):
         sampling.sample(policy, PROMPTS, 2, kernel="dpm")
+
+
+# ----------------------------------------------------------------------------------------------- CPS and SDE windows
+def test_cps_step_coefficients_and_own_sample_log_prob_in_float64():
+    """noise_rule='cps': std = sqrt(1 - abar_prev) sin(eta pi / 2), the eps coefficient sqrt(1 - abar_prev) cos(.);
+    the recorded log-prob of the sampler's own draw equals the float64 Gaussian density recomputed by hand."""
+    _, policy = sd_policy(DDIMScheduler)
+    eta = 0.8
+    traj = sampling.sample(policy, PROMPTS, 4, generator=torch.Generator().manual_seed(3), eta=eta, noise_rule="cps")
+    assert traj.noise_rule == "cps" and traj.stochastic.tolist() == [True] * 4
+    abar = policy.scheduler_for("ddim").alphas_cumprod.double()
+    final = abar[0]  # set_alpha_to_one=False
+    with torch.no_grad():
+        for k, (t, t_prev) in enumerate(zip(traj.timesteps.tolist(), traj.prev_timesteps.tolist())):
+            x, x_next = traj.latents[:, k].double(), traj.latents[:, k + 1].double()
+            eps = policy.predict(traj.latents[:, k], t, traj.cond).double()
+            a_t, a_prev = abar[t], (abar[t_prev] if t_prev >= 0 else final)
+            std = (1 - a_prev).sqrt() * math.sin(eta * math.pi / 2)
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            mean = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * math.cos(eta * math.pi / 2) * eps
+            density = (-((x_next - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)).mean((1, 2, 3))
+            assert torch.allclose(traj.log_probs[:, k].double(), density, atol=2e-4), k
+            rescored = sampling.transition_log_prob(policy, traj, k)
+            assert torch.equal(rescored, traj.log_probs[:, k])
+
+
+def test_cps_at_eta_zero_is_the_deterministic_sampler_and_needs_ddim():
+    _, policy = sd_policy(DDIMScheduler)
+    noise = torch.randn(len(PROMPTS), *policy.latent_shape, generator=torch.Generator().manual_seed(4))
+    ode = sampling.sample(policy, PROMPTS, 4, noise=noise, eta=0.0)
+    cps = sampling.sample(policy, PROMPTS, 4, noise=noise, eta=0.0, noise_rule="cps")
+    assert torch.equal(ode.images, cps.images) and cps.stochastic.tolist() == [False] * 4
+    with pytest.raises(ValueError, match="noise_rule 'cps' is a rule of the 'ddim' kernel"):
+        sampling.sample(policy, PROMPTS, 2, noise=noise, kernel="lcm", noise_rule="cps")
+    with pytest.raises(ValueError, match="unknown noise_rule 'sde'; available: ddim, cps"):
+        sampling.sample(policy, PROMPTS, 2, noise=noise, noise_rule="sde")
+
+
+def test_sde_window_is_stochastic_only_inside_and_rescored_with_it():
+    _, policy = sd_policy(DDIMScheduler)
+    noise = torch.randn(len(PROMPTS), *policy.latent_shape, generator=torch.Generator().manual_seed(5))
+    traj = sampling.sample(policy, PROMPTS, 4, noise=noise, generator=torch.Generator().manual_seed(6), eta=0.8,
+                           noise_rule="cps", sde_steps=(1, 2))
+    assert traj.stochastic.tolist() == [False, True, True, False] and traj.sde_steps == (1, 2)
+    assert torch.isnan(traj.log_probs[:, [0, 3]]).all() and torch.isfinite(traj.log_probs[:, [1, 2]]).all()
+    assert torch.equal(sampling.stochastic_steps(policy, 4, 0.8, "ddim", noise_rule="cps", sde_steps=(1, 2)),
+                       traj.stochastic)
+    # The first step is the ODE step: it reproduces the deterministic sampler's first latent exactly.
+    ode = sampling.sample(policy, PROMPTS, 4, noise=noise, eta=0.0)
+    assert torch.equal(traj.latents[:, 1], ode.latents[:, 1]) and not torch.equal(traj.latents[:, 2], ode.latents[:, 2])
+    for k in (1, 2):
+        assert torch.equal(sampling.transition_log_prob(policy, traj, k), traj.log_probs[:, k])
+    with pytest.raises(ValueError, match=r"sde_steps \[4\] must be grid indices in \[0, 4\)"):
+        sampling.sample(policy, PROMPTS, 4, noise=noise, sde_steps=[4])
