@@ -62,7 +62,7 @@ def test_real_grid_plan_counts_cells_nfes_and_gpu_hours():
                 + 490 * 4 * sum(r[n] for n in ("pickscore", "hpsv2", "imagereward", "aesthetic", "clipscore")))
     assert k1.tflop == pytest.approx(expected, rel=1e-9)
     assert p.gpu_hours == pytest.approx(sum(c.tflop for c in cells) / (989 * 0.4) / 3600, rel=1e-9)
-    assert 1000 < p.gpu_hours < 3000
+    assert 1000 < p.gpu_hours < 4000
     text = planner.format_plan(p)
     for fragment in ["504 cells (12 base + 492 trained)", "n/a: 48 more cells", "1.59 TFLOP per NFE", "989 TFLOP/s", "40%", "GPU-hours",
                      "2,560,000"]:
