@@ -35,6 +35,10 @@ here x0 - x0_hat = sqrt(1 - a) / sqrt(a) (eps_hat - eps) for an epsilon model an
 so the loss is the same x0 error and the adaptive weight absorbs the scale factor. The KL term is on the raw outputs
 (epsilon or v) as the official one is on raw velocities.
 
+Flow-matching models (FLUX, SD3; a later issue) plug in at the same two places: the forward process becomes
+x_t = (1 - t) x0 + t eps and the converter x0(v) = x_t - t v, again affine in v, so `implicit_x0`, `loss`, the EMA and
+the loop are unchanged (and x0+- = x_t - t v+- is then literally the official code's form).
+
 Timesteps, and why they are restricted (the spec's point): the official code already trains on the sampler's own
 timesteps (its 10-step grid). That matters more here: SD-Turbo / SDXL-Turbo are adversarially distilled on the 4
 trailing timesteps {999, 749, 499, 249}; the forward-process loss at other t would fit the network where the distilled
@@ -157,9 +161,10 @@ class Config:
     """epochs between checkpoints (when checkpoint_path is set)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # Toy world: the DDPO/GRPO toy batch shape (32 prompts x 8, micro-batches of 16, Adam, full fine-tune);
-        # probes (K = 4, 20k NFEs, validation split) are listed in the README and below as they are run.
-        "toy": dict(group_size=8, groups_per_epoch=32, sample_batch_size=64, train_batch_size=16,
+        # Toy world: GRPO's toy batch shape (16 groups x G = 16, micro-batches of 16, an update each, Adam 3e-5, full
+        # fine-tune). Probes (K = 4, 20k NFEs, gain in toy-all at S = 4 over base on the validation split, n = 1,024
+        # paired samples, seed 0) are listed below.
+        "toy": dict(group_size=16, groups_per_epoch=16, sample_batch_size=64, train_batch_size=16,
                     updates_per_epoch=16, optimizer="adam", lr=3e-5, weight_decay=0.0, full_finetune=True),
     }
     non_semantic: ClassVar[tuple[str, ...]] = ("sample_batch_size", "checkpoint_path", "checkpoint_every")
@@ -300,7 +305,7 @@ class NFTMethod:
         Deviation("collection with the model's own deterministic few-step sampler, evaluation with the trained weights "
                   "(paper: DPM2 10 steps, EMA weights for evaluation)", "every row samples and is evaluated the same "
                   "way", "methods/nft.py (module docstring)"),
-        Deviation("toy recipe: 32 prompts x G = 8, Adam lr 3e-5, full fine-tune, an update per 16 samples (paper: "
+        Deviation("toy recipe: 16 prompts x G = 16, Adam lr 3e-5, full fine-tune, an update per 16 samples (paper: "
                   "48 x 24, AdamW 3e-4, LoRA r32, one update an epoch)", "DDPO's toy settings, so the rows differ only "
                   "in the algorithm; a 1M-parameter denoiser", "methods/nft.py Config.presets['toy']"),
     )
