@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from bench import accel, tracking, validate
 from bench import grid as grids
 
 log = logging.getLogger("bench.cell")
+_CLAIM_ATTEMPTS = 5
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -71,30 +73,13 @@ class PeakMemory:
 
 @contextlib.contextmanager
 def cell_lock(uri: str, cid: str, wait: bool = True) -> Iterator[bool]:
-    """An exclusive per-cell file lock (released by the kernel if we are killed): beside a SQLite database, or
-    for any other store in <tmp>/stepbench-locks/<hash of the URI>/, which serialises the workers of one machine
-    (joblib); workers on different machines rely on the RUNNING-run check alone. Yields True once held; with
-    wait=False yields False at once when another worker holds it."""
-    import fcntl
-    import hashlib
-    import tempfile
-
-    db = tracking._sqlite_path(uri)
-    if db is not None:
-        lock_dir = db.resolve().parent / ".stepbench-locks"
-    else:
-        lock_dir = Path(tempfile.gettempdir()) / "stepbench-locks" / hashlib.sha1(uri.encode()).hexdigest()[:12]
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{cid}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An exclusive per-cell file lock of this host (bench.tracking.lock_dir: beside a SQLite database, else in a
+    per-user 0700 folder; opened without following symlinks; released by the kernel if we are killed). It keeps
+    two workers of one machine off the same cell; workers on other machines are kept off by the cell's lease in
+    the store (tracking.Store.start_run). Yields True once held; with wait=False yields False at once when
+    another worker holds it."""
+    with tracking.file_lock(tracking.lock_dir(uri) / f"{cid}.lock", wait=wait) as held:
+        yield held
 
 
 def policy_kwargs(cfg: dict, method_config: Any) -> dict[str, Any]:
@@ -181,7 +166,8 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
     dp = accel.data_parallel()
     if dp is not None and not dp.is_main:
         return _follow(cfg, dp, index)
-    store = tracking.Store(cfg["tracking"]["uri"])
+    store = tracking.Store(cfg["tracking"]["uri"], lease_seconds=cfg["tracking"].get(
+        "lease_seconds", tracking.DEFAULT_LEASE_SECONDS))
     experiment_id = store.experiment_id(grid)
     if cfg.get("with_base", True) and not grids.is_base(cfg):
         base_status = run_cell(grids.base_config(cfg), grid, index=index + "(base) " if index else "(base) ")
@@ -196,7 +182,7 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
                 dp.announce(cid, "skip")
             return "running-elsewhere"
         for run_id in store.reap_stale(experiment_id, cid):
-            print(f"{index}marked stale run {run_id} of {name} KILLED (its process is gone)", flush=True)
+            print(f"{index}marked stale run {run_id} of {name} KILLED (its process or node is gone)", flush=True)
         done = store.finished_run(experiment_id, cid)
         if done is not None:
             print(f"{index}skip {name}: cell {cid} already FINISHED (run {done.info.run_id})", flush=True)
@@ -205,8 +191,8 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
             return "skipped"
         live = store.live_run(experiment_id, cid)
         if live is not None:
-            print(f"{index}skip {name}: run {live.info.run_id} of this cell is RUNNING in another process",
-                  flush=True)
+            print(f"{index}skip {name}: run {live.info.run_id} of this cell is RUNNING in another process "
+                  f"(host {live.data.tags.get('stepbench.host', '?')})", flush=True)
             if dp is not None:
                 dp.announce(cid, "skip")
             return "running-elsewhere"
@@ -222,11 +208,26 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
             dp.announce(cid, "run")
         tic = time.perf_counter()
         try:
-            with store.start_run(experiment_id, name, run_tags, system_metrics=cfg["tracking"]["system_metrics"],
-                                 flush_every=cfg["tracking"]["flush_every"],
-                                 flush_seconds=cfg["tracking"]["flush_seconds"]) as run:
-                print(f"{index}run  {name} (cell {cid}, run {run.run_id})", flush=True)
-                _execute(cfg, run, train_hook)
+            for attempt in range(_CLAIM_ATTEMPTS):
+                try:
+                    with store.start_run(experiment_id, name, run_tags,
+                                         system_metrics=cfg["tracking"]["system_metrics"],
+                                         flush_every=cfg["tracking"]["flush_every"],
+                                         flush_seconds=cfg["tracking"]["flush_seconds"]) as run:
+                        print(f"{index}run  {name} (cell {cid}, run {run.run_id})", flush=True)
+                        _execute(cfg, run, train_hook)
+                    break
+                except tracking.ClaimLost as lost:
+                    # two workers claimed at once: wait a random moment, then the cell is either taken (skip) or
+                    # free again (claim again); both backing off twice in a row is rare, forever is impossible
+                    time.sleep(random.uniform(0.2, 2.0))
+                    held = store.finished_run(experiment_id, cid) or store.live_run(experiment_id, cid)
+                    if held is not None or attempt == _CLAIM_ATTEMPTS - 1:
+                        print(f"{index}skip {name}: {lost}", flush=True)
+                        if dp is not None:
+                            dp.announce(cid, "skip")
+                        return "skipped" if held is not None and held.info.status == "FINISHED" \
+                            else "running-elsewhere"
         except Exception as err:  # noqa: BLE001 - any failure of one cell must not stop the grid
             status = getattr(err, "mlflow_status", "FAILED")
             if status == "FAILED":

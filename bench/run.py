@@ -107,7 +107,8 @@ def _open_experiments(plan: Plan) -> None:
     from bench.tracking import Store
 
     for uri in sorted({cell["tracking"]["uri"] for cell in plan.cells}):
-        store = Store(uri)
+        lease = min(float(c["tracking"].get("lease_seconds", 300.0)) for c in plan.cells if c["tracking"]["uri"] == uri)
+        store = Store(uri, lease_seconds=lease)
         experiment_id = store.experiment_id(plan.grid)
         reaped = store.reap_stale(experiment_id)
         if reaped:

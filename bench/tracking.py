@@ -36,7 +36,10 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_PREFIX = "stepbench/"
 # Tags that identify a cell; reports group by them.
 CELL_TAGS = ("method", "model", "reward", "train_steps", "seed", "grid", "cell_id")
-_PROC_TAGS = ("stepbench.host", "stepbench.pid", "stepbench.pid_start")
+_PROC_TAGS = ("stepbench.host", "stepbench.pid", "stepbench.pid_start", "stepbench.heartbeat")
+HEARTBEAT_TAG = "stepbench.heartbeat"
+DEFAULT_LEASE_SECONDS = 300.0
+"""A RUNNING run of another host whose heartbeat tag is older than this is a dead node's: reclaimed."""
 _PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
 _METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
 _MAX_PARAM_LEN = 6000
@@ -45,6 +48,10 @@ _MAX_TAG_LEN = 8000
 
 class TrackingURIError(ValueError):
     """The tracking URI cannot be used (unreachable host, unwritable SQLite directory, unknown scheme)."""
+
+
+class ClaimLost(RuntimeError):
+    """Another worker (on this or another host) claimed the same cell at the same moment; this one backs off."""
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -98,6 +105,9 @@ def check_uri(uri: str, timeout: float = 3.0) -> None:
         path = _sqlite_path(uri)
         if path is None or str(path) in ("", ":memory:"):
             raise TrackingURIError(f"tracking URI {uri!r}: expected sqlite:///<path to .db file>")
+        if path.is_dir():
+            raise TrackingURIError(f"tracking URI {uri!r}: {path} is a directory; name the database file inside it, "
+                                   f"e.g. sqlite:///{(path / 'mlflow.db').resolve()}")
         parent = path.resolve().parent
         existing = parent
         while not existing.exists():
@@ -147,14 +157,21 @@ def _client(uri: str):
 # ----------------------------------------------------------------------------------------------- process identity
 
 
+def host_id() -> str:
+    """This machine's name in run tags and claims: $STEPBENCH_HOST_ID if set (containers that share a hostname,
+    tests of two "machines" on one box), else the hostname."""
+    return os.environ.get("STEPBENCH_HOST_ID") or socket.gethostname()
+
+
 def _process_tags() -> dict[str, str]:
     import psutil
 
     pid = os.getpid()
     return {
-        "stepbench.host": socket.gethostname(),
+        "stepbench.host": host_id(),
         "stepbench.pid": str(pid),
         "stepbench.pid_start": f"{psutil.Process(pid).create_time():.3f}",
+        HEARTBEAT_TAG: f"{time.time():.3f}",
     }
 
 
@@ -162,7 +179,7 @@ def _process_alive(tags: dict[str, str]) -> bool | None:
     """True/False when the run's process is (not) alive on this host; None when it ran on another host."""
     import psutil
 
-    if tags.get("stepbench.host") != socket.gethostname() or "stepbench.pid" not in tags:
+    if tags.get("stepbench.host") != host_id() or "stepbench.pid" not in tags:
         return None
     try:
         proc = psutil.Process(int(tags["stepbench.pid"]))
@@ -196,6 +213,132 @@ def stepbench_version() -> str:
         return __version__
 
 
+# ----------------------------------------------------------------------------------------------- lock files
+
+
+def _private_dir(path: Path) -> Path:
+    """`path` as a directory of this user's, mode 0700, never a symlink (created if missing)."""
+    import stat
+
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise TrackingURIError(f"lock folder {path} is a symlink, not a directory, or not this user's; remove it")
+    return path
+
+
+def lock_dir(uri: str) -> Path:
+    """Where this host's lock files for a store live: beside a SQLite database (``.stepbench-locks/<host>``), else
+    in a per-user folder ($XDG_RUNTIME_DIR or ~/.cache, ``stepbench-locks/<hash of the URI>/<host>``); every level
+    0700 and checked not to be a symlink. Per host because flock does not reach across machines (shared NFS): other
+    hosts are kept off a cell by its lease in the store (``Store.start_run``)."""
+    import hashlib
+
+    uri = resolve_uri(uri)
+    db = _sqlite_path(uri)
+    if db is not None:
+        top = _private_dir(db.resolve().parent / ".stepbench-locks")
+    else:
+        root = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache")
+        root.mkdir(parents=True, exist_ok=True)
+        top = _private_dir(_private_dir(root / "stepbench-locks") / hashlib.sha1(uri.encode()).hexdigest()[:12])
+    return _private_dir(top / host_id().replace("/", "_"))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive flock on `path` (released by the kernel if the process dies). The file is opened with
+    O_NOFOLLOW and never truncated, so a planted symlink is refused, not followed. Yields True once held; with
+    wait=False yields False at once when another process holds it."""
+    import errno
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise TrackingURIError(f"lock file {path} is a symlink; refusing to follow it (remove it)") from None
+        raise
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------- SQLite store creation
+
+_CREATED: set[str] = set()
+
+
+def _schema_state(db: Path) -> str:
+    """"complete" (every MLflow table, schema at this MLflow's head revision), "empty" (no file or no tables),
+    "partial-empty" (half-created, no run in it) or "partial-data" (wrong schema version with runs in it)."""
+    import sqlite3
+
+    if not db.exists() or db.stat().st_size == 0:
+        return "empty"
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+        tables = {row[0] for row in con.execute("select name from sqlite_master where type='table'")}
+        if not tables:
+            return "empty"
+        version = None
+        if "alembic_version" in tables:
+            row = con.execute("select version_num from alembic_version").fetchone()
+            version = row[0] if row else None
+        if {"experiments", "runs", "metrics", "params", "tags"} <= tables and version == _get_latest_schema_revision():
+            return "complete"
+        has_runs = "runs" in tables and con.execute("select count(*) from runs").fetchone()[0] > 0
+    return "partial-data" if has_runs else "partial-empty"
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create a SQLite store once, under a lock, atomically: MLflow builds its tables in a temporary file that is
+    renamed into place when complete, so a kill during creation (about 7 s of migrations) never leaves a
+    half-created ``mlflow.db``, and two processes starting in a fresh folder wait for one creator. A half-created
+    store left by older code (or by MLflow itself) with no run in it is moved aside and recreated; one with runs
+    is named with the fix in one line."""
+    uri = resolve_uri(uri)
+    db = _sqlite_path(uri)
+    if db is None or uri in _CREATED:
+        return
+    db = db.resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock_dir(uri) / "store-create.lock"):
+        state = _schema_state(db)
+        if state == "partial-data":
+            raise TrackingURIError(
+                f"tracking store {db} has an incomplete or out-of-date MLflow schema but holds runs: back it up, "
+                f"then run `mlflow db upgrade sqlite:///{db}` (or move it aside to start a new store)")
+        if state == "partial-empty":
+            aside = db.with_name(f"{db.name}.incomplete-{int(time.time())}")
+            db.replace(aside)
+            print(f"tracking store {db} was half-created (killed during MLflow's table creation) and held no run: "
+                  f"moved aside to {aside.name}, creating it again", file=sys.stderr, flush=True)
+            state = "empty"
+        if state == "empty":
+            for stale in db.parent.glob(f"{db.name}.creating-*"):  # a creator killed earlier (we hold the lock)
+                stale.unlink(missing_ok=True)
+            tmp = db.with_name(f"{db.name}.creating-{os.getpid()}")
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            root = _artifact_root(uri)
+            store = SqlAlchemyStore(f"sqlite:///{tmp}", root.as_uri() if root else None)
+            store.engine.dispose()
+            os.replace(tmp, db)
+    _CREATED.add(uri)
+
+
 # ----------------------------------------------------------------------------------------------- write side
 
 
@@ -215,8 +358,10 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 class Store:
     """A connection to one tracking URI: experiments, cell lookup for resume, stale-run cleanup, new runs."""
 
-    def __init__(self, uri: str | None = None):
+    def __init__(self, uri: str | None = None, *, lease_seconds: float = DEFAULT_LEASE_SECONDS):
         self.uri = resolve_uri(uri)
+        self.lease_seconds = float(lease_seconds)
+        ensure_sqlite_store(self.uri)
         self.client = _client(self.uri)
 
     def experiment_id(self, grid: str) -> str:
@@ -248,26 +393,55 @@ class Store:
         runs = [r for r in self.cell_runs(experiment_id, cell_id) if r.info.status == "FINISHED"]
         return max(runs, key=lambda r: r.info.start_time) if runs else None
 
-    def reap_stale(self, experiment_id: str, cell_id: str | None = None) -> list[str]:
-        """Mark RUNNING runs whose process is dead (killed, crashed machine) as KILLED; returns their ids.
+    def heartbeat_age(self, run) -> float:
+        """Seconds since the run's last heartbeat (its start when it has none: runs of older code)."""
+        beat = run.data.tags.get(HEARTBEAT_TAG)
+        try:
+            last = float(beat) if beat is not None else run.info.start_time / 1000.0
+        except ValueError:
+            last = run.info.start_time / 1000.0
+        return time.time() - last
 
-        A RUNNING run whose process still lives, or that ran on another host, is left alone."""
+    def claim_alive(self, run) -> bool:
+        """Whether a RUNNING run still holds its cell: on this host, its process lives; on another host, its
+        heartbeat is younger than the lease."""
+        alive = _process_alive(run.data.tags)
+        if alive is not None:
+            return alive
+        return self.heartbeat_age(run) < self.lease_seconds
+
+    def reap_stale(self, experiment_id: str, cell_id: str | None = None) -> list[str]:
+        """Mark RUNNING runs that no longer hold their cell KILLED: their process on this host is dead (killed,
+        crashed), or their host stopped heartbeating for longer than the lease (a dead node). Returns their ids."""
         flt = "attributes.status = 'RUNNING'" + (f" and tags.cell_id = '{cell_id}'" if cell_id else "")
         reaped = []
         for run in self.client.search_runs([experiment_id], filter_string=flt, max_results=1000):
-            if _process_alive(run.data.tags) is False:
-                self.client.set_tag(run.info.run_id, "error", "process died while the run was RUNNING "
-                                    "(killed or crashed); marked KILLED on the next start")
+            if not self.claim_alive(run):
+                same_host = run.data.tags.get("stepbench.host") == host_id()
+                why = ("process died while the run was RUNNING (killed or crashed)" if same_host else
+                       f"host {run.data.tags.get('stepbench.host', '?')} sent no heartbeat for "
+                       f"{self.heartbeat_age(run):.0f} s (lease {self.lease_seconds:.0f} s): a dead node")
+                self.client.set_tag(run.info.run_id, "error", f"{why}; marked KILLED and reclaimed")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 reaped.append(run.info.run_id)
         return reaped
 
-    def live_run(self, experiment_id: str, cell_id: str):
-        """A RUNNING run of this cell whose process is alive on this host (another worker is on it), or None."""
+    def live_run(self, experiment_id: str, cell_id: str, exclude: str | None = None):
+        """A RUNNING run of this cell that still holds it (another worker, here or on another host), or None."""
         for run in self.cell_runs(experiment_id, cell_id):
-            if run.info.status == "RUNNING" and _process_alive(run.data.tags):
+            if run.info.run_id != exclude and run.info.status == "RUNNING" and self.claim_alive(run):
                 return run
         return None
+
+    def _confirm_claim(self, experiment_id: str, cell_id: str, run_id: str) -> None:
+        """Claim-then-check: our RUNNING run is committed before we look, so of two workers that start a cell at
+        the same moment at least one sees the other; each that sees another live claim (or a FINISHED run) backs
+        off: its run is deleted and ClaimLost raised. Both backing off is possible (they retry after a pause);
+        both going on is not."""
+        rival = self.live_run(experiment_id, cell_id, exclude=run_id) or self.finished_run(experiment_id, cell_id)
+        if rival is not None:
+            raise ClaimLost(f"cell {cell_id} is claimed by run {rival.info.run_id} "
+                            f"({rival.data.tags.get('stepbench.host', '?')}, {rival.info.status})")
 
     @contextlib.contextmanager
     def start_run(self, experiment_id: str, name: str, tags: dict[str, Any], *, system_metrics: bool = False,
@@ -281,15 +455,46 @@ class Store:
         all_tags = {k: str(v) for k, v in tags.items()} | _process_tags()
         active = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=all_tags,
                                   log_system_metrics=system_metrics)
+        if "cell_id" in tags:
+            try:
+                self._confirm_claim(experiment_id, str(tags["cell_id"]), active.info.run_id)
+            except ClaimLost:
+                mlflow.end_run(status="KILLED")
+                self.client.delete_run(active.info.run_id)  # not a result, not a failure: out of every view
+                raise
         run = CellRun(self, active.info.run_id, flush_every=flush_every, flush_seconds=flush_seconds)
+        beat = _Heartbeat(self.client, active.info.run_id, self.lease_seconds / 5)
         try:
             yield run
         except BaseException as err:
+            beat.stop()
             run.fail(err)
             raise
         else:
+            beat.stop()
             run.flush()
             mlflow.end_run(status="FINISHED")
+
+
+class _Heartbeat:
+    """Refreshes a run's heartbeat tag every `interval` seconds from a daemon thread (the run's lease)."""
+
+    def __init__(self, client, run_id: str, interval: float):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(client, run_id, max(interval, 0.2)), daemon=True,
+                                        name="stepbench-heartbeat")
+        self._thread.start()
+
+    def _beat(self, client, run_id: str, interval: float) -> None:
+        while not self._stop.wait(interval):
+            with contextlib.suppress(Exception):  # a server outage: the lease just ages meanwhile
+                client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 class Tracker:

@@ -166,6 +166,9 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"eval.n must be <= {MAX_EVAL_N:,} samples per step count; got {cfg.eval.n:,} "
                           f"({cfg.eval.n * len(cfg.eval.steps):,} images over eval.steps={list(cfg.eval.steps)}); "
                           f"`python -m bench.plan` estimates a grid's cost")
+    lease = cfg.tracking.get("lease_seconds", 300.0)
+    if not lease > 0:
+        raise ConfigError(f"tracking.lease_seconds must be > 0 seconds; got {lease!r}")
     if cfg.eval.grid_images < 0:
         raise ConfigError(f"eval.grid_images must be >= 0; got {cfg.eval.grid_images!r}")
     steps = list(cfg.eval.steps)

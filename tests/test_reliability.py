@@ -202,3 +202,259 @@ def test_a_run_that_trained_nothing_ends_failed(tiny_toy, tmp_path):
     assert list(runs.status) == ["FAILED"]
     assert runs["tags.error"].iloc[0].startswith("NothingTrained: trained nothing: ddpo made no update")
     assert run_cell(cfg, "nothing") == "finished"  # the same cell with its budget trains and finishes
+
+
+# ------------------------------------------------------------------------------------------- store creation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _subprocess_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", **extra}
+
+
+_HALF_CREATED = """
+import sqlite3, sys
+from alembic.script import ScriptDirectory
+from mlflow import MlflowClient
+from mlflow.store.db.utils import _get_alembic_config
+
+db = sys.argv[1]
+MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+revisions = [r.revision for r in ScriptDirectory.from_config(_get_alembic_config("")).walk_revisions()]
+with sqlite3.connect(db) as con:
+    con.execute("update alembic_version set version_num = ?", (revisions[6],))
+    con.execute("drop table job_locks")
+"""
+_MLFLOW_OPENS = "import sys; from mlflow import MlflowClient; MlflowClient(tracking_uri=sys.argv[1]).search_experiments()"
+
+
+def _half_created(db: Path) -> None:
+    """A store as a kill in the middle of MLflow's migrations leaves it: tables of later migrations already there,
+    the recorded schema revision older (MLflow then re-runs migrations and fails with "... already exists").
+    Made in a subprocess: MLflow caches a store object per URI in a process."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", _HALF_CREATED, str(db)], check=True, capture_output=True,
+                   env=_subprocess_env(), timeout=180)
+
+
+def test_half_created_store_is_repaired(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from bench import tracking
+
+    db = tmp_path / "mlflow.db"
+    _half_created(db)
+    before = subprocess.run([sys.executable, "-c", _MLFLOW_OPENS, f"sqlite:///{db}"], capture_output=True, text=True,
+                            env=_subprocess_env(), timeout=180)
+    assert before.returncode != 0 and "already exists" in before.stderr  # what every later run hit before the fix
+    store = tracking.Store(f"sqlite:///{db}")
+    experiment_id = store.experiment_id("repaired")
+    with store.start_run(experiment_id, "r", {"cell_id": "c0"}) as run:
+        run.log_metrics({"x": 1.0})
+    assert tracking.load_runs(f"sqlite:///{db}", "repaired").status.tolist() == ["FINISHED"]
+    assert len(list(tmp_path.glob("mlflow.db.incomplete-*"))) == 1  # moved aside, not deleted
+    assert "was half-created" in capsys.readouterr().err
+
+
+def test_half_created_store_with_runs_is_named_with_the_fix(tmp_path):
+    import sqlite3
+
+    from bench import tracking
+
+    db = tmp_path / "mlflow.db"
+    store = tracking.Store(f"sqlite:///{db}")
+    with store.start_run(store.experiment_id("g"), "r", {"cell_id": "c0"}):
+        pass
+    with sqlite3.connect(db) as con:
+        con.execute("update alembic_version set version_num = 'dc11669786a4'")
+    tracking._CREATED.clear()
+    with pytest.raises(tracking.TrackingURIError, match=r"holds runs: back it up, then run `mlflow db upgrade "):
+        tracking.Store(f"sqlite:///{db}")
+
+
+_CREATE = ("import sys; from bench.tracking import Store; s = Store(sys.argv[1]); print('exp', s.experiment_id('two'), "
+           "flush=True)")
+
+
+def test_kill_during_store_creation_then_a_run_succeeds(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-c", _CREATE, uri], env=_subprocess_env(), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("mlflow.db.creating-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # MLflow is building its tables (several seconds): kill it there
+    assert list(tmp_path.glob("mlflow.db.creating-*")), "the creator never reached table creation"
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert not (tmp_path / "mlflow.db").exists()  # never a half-created store under the real name
+    store = tracking.Store(uri)
+    with store.start_run(store.experiment_id("after-kill"), "r", {"cell_id": "c0"}) as run:
+        run.log_metrics({"x": 1.0})
+    assert tracking.load_runs(uri, "after-kill").status.tolist() == ["FINISHED"]
+    assert not list(tmp_path.glob("mlflow.db.creating-*"))  # the killed creator's leftover is cleaned
+
+
+def test_two_processes_create_one_fresh_store(tmp_path):
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    procs = [subprocess.Popen([sys.executable, "-c", _CREATE, uri], env=_subprocess_env(), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
+    assert len({o[0].strip() for o in outs}) == 1  # the same experiment id in both
+
+
+def test_tracking_uri_that_is_a_directory_fails_fast(tmp_path, monkeypatch, capsys):
+    import time
+
+    from bench import run as bench_run
+
+    work = tmp_path / "work"
+    (work / "store").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    tic = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        bench_run.main([f"tracking.uri=sqlite:///{work / 'store'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{work / 'store'} is a directory; name the database file inside it" in err[0]
+    assert time.perf_counter() - tic < 60
+    assert [p.name for p in work.iterdir()] == ["store"] and list((work / "store").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- lock files
+
+
+def test_lock_files_do_not_follow_planted_symlinks(tmp_path, monkeypatch):
+    from bench import tracking
+    from bench.cell import cell_lock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    folder = tracking.lock_dir(uri)
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    (folder / "abc123.lock").symlink_to(victim)
+    with pytest.raises(tracking.TrackingURIError, match="is a symlink; refusing to follow it"):
+        with cell_lock(uri, "abc123"):
+            pass
+    assert victim.read_text() == "precious"
+
+    # a server's locks live in a per-user 0700 folder, not a shared temp folder; a planted folder symlink is refused
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run" / "stepbench-locks").symlink_to(elsewhere)
+    with pytest.raises(tracking.TrackingURIError, match="is a symlink, not a directory, or not this user's"):
+        tracking.lock_dir("http://127.0.0.1:5000")
+    (tmp_path / "run" / "stepbench-locks").unlink()
+    server = tracking.lock_dir("http://127.0.0.1:5000")
+    assert server.is_relative_to(tmp_path / "run") and oct(server.stat().st_mode & 0o777) == "0o700"
+    with cell_lock("http://127.0.0.1:5000", "c1") as held:
+        assert held
+    assert list(elsewhere.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- cross-host claims
+
+
+def _cell(tiny_toy, uri: str, *extra: str) -> dict:
+    from bench import grid as grids
+
+    return grids._plain(grids.compose([f"model.path={tiny_toy}", *SMALL, f"tracking.uri={uri}", "method=base",
+                                       *extra]))
+
+
+def test_a_live_claim_of_another_host_is_honoured_and_a_dead_nodes_run_is_reclaimed(tiny_toy, tmp_path):
+    import time
+
+    from bench import grid as grids
+    from bench import tracking
+    from bench.cell import run_cell
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = _cell(tiny_toy, uri, "tracking.lease_seconds=60")
+    store = tracking.Store(uri, lease_seconds=60)
+    exp = store.experiment_id("hosts")
+    cid = grids.cell_id(cfg)
+
+    def foreign_run(heartbeat: float):
+        return store.client.create_run(exp, run_name=grids.cell_run_name(cfg), tags={
+            "cell_id": cid, "stepbench.host": "node-b", "stepbench.pid": "4242", "stepbench.pid_start": "1.000",
+            "stepbench.heartbeat": f"{heartbeat:.3f}"})
+
+    alive = foreign_run(time.time())  # node-b heartbeated just now: its claim holds
+    assert run_cell(cfg, "hosts") == "running-elsewhere"
+    assert store.client.get_run(alive.info.run_id).info.status == "RUNNING"
+    assert [r.info.status for r in store.cell_runs(exp, cid)] == ["RUNNING"]  # no second run of the cell
+
+    store.client.set_terminated(alive.info.run_id, status="KILLED")
+    dead = foreign_run(time.time() - 120)  # node-b went silent 2 minutes ago, lease 60 s: a dead node
+    assert run_cell(cfg, "hosts") == "finished"
+    reclaimed = store.client.get_run(dead.info.run_id)
+    assert reclaimed.info.status == "KILLED" and "host node-b sent no heartbeat" in reclaimed.data.tags["error"]
+
+
+def test_the_heartbeat_keeps_a_long_cell_claimed(tmp_path):
+    import time
+
+    from bench import tracking
+
+    store = tracking.Store(f"sqlite:///{tmp_path}/mlflow.db", lease_seconds=1.0)
+    exp = store.experiment_id("beat")
+    with store.start_run(exp, "long", {"cell_id": "c0"}) as run:
+        first = store.client.get_run(run.run_id).data.tags["stepbench.heartbeat"]
+        time.sleep(1.5)  # longer than the lease: only the heartbeat keeps the claim alive
+        live = store.client.get_run(run.run_id)
+        assert float(live.data.tags["stepbench.heartbeat"]) > float(first)
+        assert store.heartbeat_age(live) < 1.0
+        other_host = tracking.Store(store.uri, lease_seconds=1.0)
+        live.data.tags["stepbench.host"] = "node-b"  # as another host sees it: alive by heartbeat, not by pid
+        assert other_host.claim_alive(live)
+
+
+_GRID_SEEDS = "0,1,2,3,4,5"
+
+
+def test_two_hosts_on_one_store_run_no_cell_twice(tiny_toy, tmp_path):
+    """Two `bench.run` processes as two machines (different STEPBENCH_HOST_ID, so they share no lock file, only
+    the store) start the same 6-cell grid at once: every cell FINISHED exactly once."""
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from bench import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.Store(uri)  # (creating the store under its lock is tested above; here the claims are)
+    argv = [sys.executable, "-m", "bench.run", "-m", "method=base", f"seed={_GRID_SEEDS}", f"model.path={tiny_toy}",
+            *SMALL, f"tracking.uri={uri}", "grid=adhoc"]
+    procs = []
+    for host in ("node-a", "node-b"):
+        procs.append(subprocess.Popen([*argv, f"hydra.sweep.dir={tmp_path}/{host}"], cwd=tmp_path, text=True,
+                                      env=_subprocess_env(STEPBENCH_HOST_ID=host), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    runs = tracking.load_runs(uri, "adhoc")
+    finished = Counter(runs[runs.status == "FINISHED"].cell_id)
+    assert len(finished) == len(_GRID_SEEDS.split(",")) and set(finished.values()) == {1}, finished
+    assert set(runs.status) == {"FINISHED"}  # no RUNNING or FAILED leftovers; a lost claim's run is deleted
+    hosts = Counter(runs["tags.stepbench.host"])
+    assert sum(hosts.values()) == 6 and set(hosts) <= {"node-a", "node-b"}
+    print("cells per host:", dict(hosts))

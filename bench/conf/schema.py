@@ -89,6 +89,9 @@ class TrackingConf:
     """...or at least this often."""
     save_adapter: bool = True
     """Log the trained adapter weights (safetensors) as an artifact."""
+    lease_seconds: float = 300.0
+    """A cell's claim in the store: its RUNNING run heartbeats every lease/5 s; another host's run silent for longer
+    than this is a dead node's and is reclaimed (bench.tracking.Store)."""
 
 
 @dataclass
