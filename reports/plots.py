@@ -19,9 +19,10 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 PALETTE = {
     "base": "#222222", "ddpo": "#1f77b4", "sdpo": "#d62728", "diffusion_dpo": "#2ca02c", "spo": "#9467bd", "spo_reward_x0": "#c5b0d5",
     "pso": "#ff7f0e", "sft": "#8c564b", "sharpening": "#e377c2", "sharpening_sft": "#f7b6d2",
-    "inference_scaling": "#17becf",
+    "inference_scaling": "#17becf", "diffusion_dpo_online": "#98df8a", "pso_offline": "#ffbb78",
+    "sdpo_t_eq_k": "#ff9896", "grpo": "#bcbd22", "nft": "#393b79",
 }
-_EXTRA = ["#bcbd22", "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39"]
+_EXTRA = ["#7f7f7f", "#637939", "#8c6d31", "#843c39", "#aec7e8", "#c49c94"]
 STYLE = {
     "svg.fonttype": "path", "font.family": "DejaVu Sans", "font.size": 8.5, "axes.titlesize": 9.5,
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.25,

@@ -39,6 +39,7 @@ METHOD_LABELS = {
     "spo_reward_x0": "SPO (reward on x̂0, no SPM)",
     "pso": "PSO", "sft": "SFT (plain fine-tuning)", "sharpening": "Diffusion-Sharpening (RLHF)",
     "sharpening_sft": "Diffusion-Sharpening (SFT)", "grpo": "GRPO (Flow-GRPO)", "nft": "DiffusionNFT",
+    "diffusion_dpo_online": "Diffusion-DPO (online)", "pso_offline": "PSO (offline)", "sdpo_t_eq_k": "SDPO (T = K)",
     "inference_scaling": "Inference scaling",
 }
 SHORT_LABELS = {"base": "base", "sft": "SFT", "inference_scaling": "Inference scaling"}  # image-grid rows

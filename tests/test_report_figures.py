@@ -1,5 +1,5 @@
-"""reports.plots at full scale: a synthetic grid the size of toy-full (11 rows per K, K = 1, 2, 4, S = 1, 2, 3, 4, 6,
-8) draws step curves and the compute scatter with no two text artists overlapping (labels, ticks, offsets, titles,
+"""reports.plots at full scale: a synthetic grid larger than toy-full (14 trained rows per K, K = 1, 2, 4, S = 1, 2,
+3, 4, 6, 8) draws step curves and the compute scatter with no two text artists overlapping (labels, ticks, offsets, titles,
 legend entries), each row with its own (colour, line style) pair."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 
 from reports import plots
 
-METHODS = ["ddpo", "diffusion_dpo", "pso", "spo", "spo_reward_x0", "sdpo", "sharpening", "sharpening_sft", "sft"]
+METHODS = ["ddpo", "diffusion_dpo", "diffusion_dpo_online", "pso", "pso_offline", "spo", "spo_reward_x0", "sdpo",
+           "sdpo_t_eq_k", "sharpening", "sharpening_sft", "sft", "grpo", "nft"]  # the toy grid's trained rows
 KS = [1, 2, 4]
 STEPS = [1, 2, 3, 4, 6, 8]
 
@@ -71,6 +72,7 @@ def test_step_curves_at_full_scale_have_no_overlapping_text(series):
         styles = [(line.get_color(), line.get_linestyle(), line.get_marker()) for line in fig.axes[0].get_lines()
                   if line.get_label() in legend_texts]
         assert len(set(styles)) == len(by_steps)
+        assert len({line.get_color() for line in fig.axes[0].get_lines()}) >= len(METHODS) + 2  # a colour per method
     finally:
         matplotlib.pyplot.close(fig)
 
