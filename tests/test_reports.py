@@ -476,10 +476,11 @@ def test_sweeps_stay_out_of_the_default_report_and_show_their_best_trial_when_as
     uri, _ = write_store(tmp_path / "store", template=template, failed=False, cells={"base": CELLS["base"]})
     store = tracking.Store(uri)
     write_store(tmp_path / "store", template=None, failed=False, grid="sweep/ddpo-study",
-                cells={"ddpo": (2, [0], CELLS["ddpo"][2])}, tags={"sweep.best": "true"})
+                cells={"ddpo": (2, [0], CELLS["ddpo"][2])}, tags={"sweep.best": "true", "cell_id": "trial0"})
     time.sleep(0.01)
     write_store(tmp_path / "store", template=None, failed=False, grid="sweep/ddpo-study",
-                cells={"ddpo": (2, [0], CELLS["sft"][2])}, tags={"sweep.best": "false"})  # the last trial, worse
+                cells={"ddpo": (2, [0], CELLS["sft"][2])},
+                tags={"sweep.best": "false", "cell_id": "trial1"})  # the last trial (another config), worse
     assert tracking.list_experiments(uri) == ["stepbench/sweep/ddpo-study", "stepbench/toy"]
     default = load(uri)
     assert default.experiments == ["stepbench/toy"] and set(default.scores["method"]) == {"base"}
