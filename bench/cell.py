@@ -1,6 +1,7 @@
 """One benchmark cell: (model, reward, method, K, seed) -> train within a budget -> evaluate at every S -> MLflow.
 
     status = run_cell(cfg, grid="toy")      # "finished" | "skipped" | "failed" | "running-elsewhere" | "n/a"
+    status.run_id                           # the MLflow run it made (or found FINISHED), None if none
 
 Resume and faults: a cell whose cell_id already has a FINISHED run in the grid's experiment is skipped; RUNNING
 runs of the cell whose process is dead (SIGKILL, OOM killer, crashed machine) are marked KILLED first and the
@@ -143,12 +144,24 @@ def _gain_over_base(cfg: dict, run: tracking.CellRun, scores) -> dict[str, float
 # --------------------------------------------------------------------------------------------- the cell
 
 
+class CellStatus(str):
+    """run_cell's outcome: the status string ("finished", "skipped", ...) carrying the cell's MLflow run id."""
+
+    run_id: str | None
+
+    def __new__(cls, status: str, run_id: str | None = None) -> CellStatus:
+        out = super().__new__(cls, status)
+        out.run_id = run_id
+        return out
+
+
 def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, Any] | None = None,
-             train_hook: Callable[..., Any] | None = None) -> str:
+             train_hook: Callable[..., Any] | None = None, run_name: str | None = None) -> CellStatus:
     """Run one cell unless a FINISHED run of it exists; never raises for a failing cell (returns "failed", or
     "killed" when the exception carries ``mlflow_status = "KILLED"``, e.g. a pruned sweep trial).
 
-    tags: extra MLflow run tags. train_hook(method, policy, task, budget, tracker) -> tracker: called just before
+    tags: extra MLflow run tags; run_name: the run's name (default: the cell's, bench.grid.cell_run_name).
+    The returned status carries ``run_id``: the run this call made, or the FINISHED run it skipped to. train_hook(method, policy, task, budget, tracker) -> tracker: called just before
     training; the tracker it returns is the one the method gets (bench.sweep reports and prunes through it).
 
     A base cell is shared by every method cell of its (model, reward, seed): when another worker of this machine is
@@ -159,13 +172,13 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
     reason = grids.not_applicable(cfg)
     if reason is not None:
         print(f"{index}n/a  {grids.cell_run_name(cfg)}: {reason}", flush=True)
-        return "n/a"
+        return CellStatus("n/a")
     import torch
 
     torch.set_num_threads(int(cfg["threads"]))
     dp = accel.data_parallel()
     if dp is not None and not dp.is_main:
-        return _follow(cfg, dp, index)
+        return CellStatus(_follow(cfg, dp, index))
     store = tracking.Store(cfg["tracking"]["uri"], lease_seconds=cfg["tracking"].get(
         "lease_seconds", tracking.DEFAULT_LEASE_SECONDS))
     experiment_id = store.experiment_id(grid)
@@ -174,13 +187,13 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
         if base_status == "failed":
             log.warning("the base cell failed; running %s anyway", grids.cell_run_name(cfg))
     cid = grids.cell_id(cfg)
-    name = grids.cell_run_name(cfg)
+    name = run_name or grids.cell_run_name(cfg)
     with cell_lock(store.uri, cid, wait=not grids.is_base(cfg)) as held:
         if not held:
             print(f"{index}skip {name}: another worker of this machine is running it", flush=True)
             if dp is not None:
                 dp.announce(cid, "skip")
-            return "running-elsewhere"
+            return CellStatus("running-elsewhere")
         for run_id in store.reap_stale(experiment_id, cid):
             print(f"{index}marked stale run {run_id} of {name} KILLED (its process or node is gone)", flush=True)
         done = store.finished_run(experiment_id, cid)
@@ -188,14 +201,14 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
             print(f"{index}skip {name}: cell {cid} already FINISHED (run {done.info.run_id})", flush=True)
             if dp is not None:
                 dp.announce(cid, "skip")
-            return "skipped"
+            return CellStatus("skipped", done.info.run_id)
         live = store.live_run(experiment_id, cid)
         if live is not None:
             print(f"{index}skip {name}: run {live.info.run_id} of this cell is RUNNING in another process "
                   f"(host {live.data.tags.get('stepbench.host', '?')})", flush=True)
             if dp is not None:
                 dp.announce(cid, "skip")
-            return "running-elsewhere"
+            return CellStatus("running-elsewhere")
         run_tags = {
             "method": cfg["method"]["name"], "model": cfg["model"]["name"], "reward": cfg["reward"]["name"],
             "train_steps": 0 if grids.is_base(cfg) else grids.resolved_train_steps(cfg), "seed": cfg["seed"],
@@ -207,6 +220,7 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
             run_tags["world_size"] = dp.world_size
             dp.announce(cid, "run")
         tic = time.perf_counter()
+        run = None
         try:
             for attempt in range(_CLAIM_ATTEMPTS):
                 try:
@@ -226,16 +240,17 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
                         print(f"{index}skip {name}: {lost}", flush=True)
                         if dp is not None:
                             dp.announce(cid, "skip")
-                        return "skipped" if held is not None and held.info.status == "FINISHED" \
-                            else "running-elsewhere"
+                        if held is not None and held.info.status == "FINISHED":
+                            return CellStatus("skipped", held.info.run_id)
+                        return CellStatus("running-elsewhere")
         except Exception as err:  # noqa: BLE001 - any failure of one cell must not stop the grid
             status = getattr(err, "mlflow_status", "FAILED")
             if status == "FAILED":
                 log.exception("cell %s failed", name)
             print(f"{index}{status} {name}: {type(err).__name__}: {err}", flush=True)
-            return status.lower()
+            return CellStatus(status.lower(), None if run is None else run.run_id)
         print(f"{index}done {name} in {time.perf_counter() - tic:.1f} s", flush=True)
-        return "finished"
+        return CellStatus("finished", run.run_id)
 
 
 def _follow(cfg: dict, dp: accel.DataParallel, index: str = "") -> str:

@@ -119,20 +119,13 @@ def check_uri(uri: str, timeout: float = 3.0) -> None:
         return
     if scheme in ("", "file"):
         return
-    if scheme in ("http", "https", "postgresql", "mysql", "mssql"):
-        host = parsed.hostname
-        if not host:
+    if scheme in DEFAULT_PORTS:
+        if not parsed.hostname:
             raise TrackingURIError(f"tracking URI {uri!r} names no host")
-        default_port = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme]
-        port = parsed.port or default_port
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                pass
-        except OSError as err:
-            raise TrackingURIError(
-                f"tracking URI {uri!r} is unreachable ({host}:{port}: {err.strerror or err}); start the server "
-                f"or pass tracking.uri=sqlite:///mlflow.db"
-            ) from None
+        problem = unreachable(uri, timeout)
+        if problem:
+            raise TrackingURIError(f"tracking URI {uri!r} is unreachable ({problem}); start the server or pass "
+                                   f"tracking.uri=sqlite:///mlflow.db")
         return
     if scheme == "databricks":
         return
@@ -140,6 +133,21 @@ def check_uri(uri: str, timeout: float = 3.0) -> None:
         f"tracking URI {uri!r}: unknown scheme {parsed.scheme!r}; use sqlite:///<file>, http(s)://host:port, "
         f"or a database URL"
     )
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to the URL's host:port (default port of its scheme) opens within `timeout`
+    seconds; else "host:port: reason". Talks only to that host (tracking servers, sweep databases)."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname, parsed.port or DEFAULT_PORTS.get(parsed.scheme.split("+")[0])
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"{host}:{port}: {err.strerror or err}"
 
 
 def _artifact_root(uri: str) -> Path | None:

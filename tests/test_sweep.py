@@ -101,10 +101,15 @@ def test_a_file_that_is_not_a_journal_is_refused_untouched(tiny_toy, tmp_path, m
 
 
 def test_space_dims_and_override_values():
+    import optuna
+
+    trial = optuna.create_study().ask()
     dim = sweep.parse_dim("ddpo", "lr", ("log_float", 1e-5, 1e-3))
-    dist = dim.distribution()
+    assert 1e-5 <= dim.suggest(trial) <= 1e-3
+    sweep.parse_dim("ddpo", "lora_rank", ["int", 4, 16, 4]).suggest(trial)
+    dist = trial.distributions["lr"]
     assert (dist.low, dist.high, dist.log) == (1e-5, 1e-3, True)
-    assert sweep.parse_dim("ddpo", "lora_rank", ["int", 4, 16, 4]).distribution().step == 4
+    assert trial.distributions["lora_rank"].step == 4 and trial.params["lora_rank"] in (4, 8, 12, 16)
     assert sweep.parse_dim("ddpo", "kernel", ["categorical", ["ddim", None]]).contains(None)
     assert not sweep.parse_dim("ddpo", "x", ["categorical", [1, 2]]).contains(True)  # True == 1, but not a choice
     space = {"lr": dim, "kernel": sweep.Dim("kernel", "categorical", choices=("ddim", "null")),
@@ -210,19 +215,30 @@ def test_study_of_three_trials_then_resume_after_a_crash(tiny_toy, uri, tmp_path
                                               {k: sweep.Dim(k, "float") for k in best.params}, best.params)]))
     assert composed == best_cfg["method"]
 
-    # a crash: a worker died with a trial RUNNING; the rerun marks it FAIL and continues the study to 4 finished
+    # a crash: a worker died with a trial RUNNING (no heartbeat since); the rerun's optimize fails it once its
+    # heartbeat is stale (2 x sweep.heartbeat), and the study continues to 4 finished trials
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = study.ask()
-    for key, value in {"host": socket.gethostname(), "pid": dead.pid, "pid_start": 1.0}.items():
+    for key, value in {"host": socket.gethostname(), "pid": dead.pid}.items():
         stale.set_user_attr(key, value)
     capsys.readouterr()
-    assert sweep.main([*argv, "sweep.n_trials=4"]) == 0
+    assert sweep.main([*argv, "sweep.n_trials=4", "sweep.heartbeat=1"]) == 0
     out = capsys.readouterr().out
-    assert f"trial {stale.number} was left RUNNING by a dead process (pid {dead.pid}): marked FAIL" in out
+    assert (f"trial {stale.number} of a worker that stopped sending heartbeats (pid {dead.pid} on "
+            f"{socket.gethostname()}) was marked FAIL" in out)
     states = Counter(t.state.name for t in sweep.load_study(name, "optuna.journal").trials)
     assert states["COMPLETE"] + states["PRUNED"] == 4 and states["FAIL"] == 1 and states["RUNNING"] == 0
-    assert len(_runs(uri, name)) == 4  # the new trial has its own run (the sampler does not replay the first run)
+    runs = _runs(uri, name)
+    assert len(runs) == 4  # the new trial has its own run (the sampler does not replay the first run)
+    assert sorted(runs.run_name) == sorted(f"ddpo/toy-turbo/jpeg-incompressibility/k1/s0/trial{n}"
+                                           for n in (0, 1, 2, stale.number + 1))
+    # the second sweep's result does not replace the first one's tuned config: it gets the next free name
+    assert tuned.read_text() == text
+    second = tmp_path / "tuned" / f"{name}-2.yaml"
+    assert f"{tuned} holds an earlier sweep's result and is kept; this sweep's best is {second.name}" in out
+    assert second.read_text().startswith(f"# python -m bench.run method=tuned/{name}-2 ")
+    assert not list(tmp_path.glob("*.asklock")) and not list((tmp_path / "tuned").glob(".*.tmp"))
 
 
 def test_pruner_stops_a_trial_whose_learning_rate_collapses_the_reward(tiny_toy, uri, tmp_path, monkeypatch):
@@ -248,7 +264,8 @@ def test_pruner_stops_a_trial_whose_learning_rate_collapses_the_reward(tiny_toy,
 
 
 def test_two_worker_processes_share_one_journal_study(tiny_toy, uri, tmp_path):
-    """Two processes on one journal file: exactly n_trials trials, numbered 0..n-1, each with its own MLflow run."""
+    """Two processes on one journal file: exactly n_trials COMPLETE trials, numbered 0..n-1, each with its own
+    MLflow run."""
     name = "workers"
     argv = [sys.executable, "-m", "bench.sweep", *small(tiny_toy, uri, tmp_path), "method=ddpo",
             f"sweep.study_name={name}", "sweep.n_trials=4", "sweep.space={lr:[log_float,1e-5,1e-3]}",
@@ -264,11 +281,69 @@ def test_two_worker_processes_share_one_journal_study(tiny_toy, uri, tmp_path):
                 p.kill()
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(outs)
-    trials = sweep.load_study(name, str(tmp_path / "optuna.journal")).trials
-    assert [t.number for t in trials] == [0, 1, 2, 3] and {t.state.name for t in trials} == {"COMPLETE"}
+    every = sweep.load_study(name, str(tmp_path / "optuna.journal")).trials
+    trials = [t for t in every if t.state.name == "COMPLETE"]
+    assert len(trials) == 4 and sorted(t.number for t in trials) == [0, 1, 2, 3]
+    # a worker that asks once the last slot is taken waits for it, then ends its trial at once: FAIL "not run"
+    surplus = [t for t in every if t.state.name != "COMPLETE"]
+    assert len(surplus) <= 1 and all(t.state.name == "FAIL" and t.user_attrs["error"].startswith("not run")
+                                     and "mlflow_run_id" not in t.user_attrs for t in surplus)
     run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
     assert len(set(run_ids)) == 4
     runs = _runs(uri, name)
     assert sorted(runs["tags.sweep.trial"].astype(int)) == [0, 1, 2, 3] and set(runs.run_id) == set(run_ids)
     assert set(runs.status) == {"FINISHED"}
     print("trials per worker pid:", Counter(t.user_attrs["pid"] for t in trials))
+
+
+def test_a_killed_worker_s_trial_fails_by_heartbeat_and_the_survivor_completes_the_study(tiny_toy, uri, tmp_path):
+    """Two workers share a study of 3 trials; one is SIGKILLed while its trial runs. That trial stops sending
+    heartbeats, the survivor's study.optimize marks it FAIL (it does not count toward n_trials), and the survivor
+    alone finishes the study: 3 COMPLETE trials, exit 0 (it used to stop one trial short)."""
+    import signal
+    import time
+
+    name = "killed"
+    argv = [sys.executable, "-m", "bench.sweep", *small(tiny_toy, uri, tmp_path), "method=ddpo",
+            f"sweep.study_name={name}", "sweep.n_trials=3", "sweep.space={lr:[log_float,1e-5,1e-3]}",
+            "sweep.intermediate.points=0", "sweep.write_tuned=false", "sweep.heartbeat=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    victim, survivor = (subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True) for _ in range(2))
+    journal = str(tmp_path / "optuna.journal")
+    try:
+        killed = None
+        deadline = time.monotonic() + 600
+        while killed is None and time.monotonic() < deadline and victim.poll() is None:
+            time.sleep(0.2)
+            if not (tmp_path / "optuna.journal").exists():
+                continue
+            os.kill(victim.pid, signal.SIGSTOP)  # frozen: its trial cannot finish between the look and the kill
+            running = [t for t in sweep.load_study(name, journal).trials
+                       if t.state.name == "RUNNING" and t.user_attrs.get("pid") == victim.pid] if _has_study(
+                journal, name) else []
+            if running:
+                victim.kill()
+                killed = running[0].number
+            else:
+                os.kill(victim.pid, signal.SIGCONT)
+        assert killed is not None, "the victim never ran a trial"
+        out = survivor.communicate(timeout=900)[0]
+    finally:
+        for p in (victim, survivor):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert survivor.returncode == 0, out
+    trials = sweep.load_study(name, journal).trials
+    states = Counter(t.state.name for t in trials)
+    assert states["COMPLETE"] == 3 and states["RUNNING"] == 0, out
+    assert [t.number for t in trials if t.state.name == "FAIL"] == [killed]
+    assert f"trial {killed} of a worker that stopped sending heartbeats (pid {victim.pid}" in out
+    assert {t.user_attrs["pid"] for t in trials if t.state.name == "COMPLETE"} <= {victim.pid, survivor.pid}
+
+
+def _has_study(journal: str, name: str) -> bool:
+    import optuna
+
+    return name in optuna.get_all_study_names(sweep.open_storage(journal, 60).optuna)
