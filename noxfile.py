@@ -30,7 +30,8 @@ def install(session: nox.Session, *extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (tiny models, CPU, < 10 minutes on 2 cores)."""
+    """The test suite (tiny models, CPU, < 10 minutes on 2 cores); `nox -s tests -- -m "not slow"` leaves out the
+    multi-process, server and whole-grid tests (under 2 minutes)."""
     install(session, "test")
     session.run("pytest", "-n", os.environ.get("STEPBENCH_TEST_WORKERS", "2"), "--dist", "loadfile",
                 *session.posargs, env={**ENV, "HF_HUB_OFFLINE": "1"})

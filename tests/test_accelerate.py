@@ -188,6 +188,7 @@ def test_gradient_sync_averages_every_backward_across_two_gloo_ranks(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_accelerate_launch_trains_one_smoke_cell_on_two_gloo_processes(tiny_toy, tmp_path):
     from safetensors.torch import load_file

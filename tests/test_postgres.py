@@ -155,6 +155,7 @@ MLFLOW_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_postgres_backs_an_optuna_study_with_two_workers_and_the_mlflow_server(postgres, tmp_path):
     import optuna

@@ -178,6 +178,7 @@ def test_failing_cell_is_failed_and_the_grid_goes_on(tiny_toy, tmp_path, monkeyp
     assert Counter(runs.status) == Counter({"FINISHED": 3, "FAILED": 1})
 
 
+@pytest.mark.slow
 def test_sigkill_mid_grid_then_rerun_gives_one_finished_run_per_cell(tiny_toy, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

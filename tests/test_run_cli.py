@@ -165,6 +165,7 @@ def test_check_config_rejects_missing_weights(tmp_path, monkeypatch):
         check_config(grids._plain(grids.compose(["model=toy-base"])))
 
 
+@pytest.mark.slow
 def test_grid_on_submitit_local_launcher(tiny_toy, tmp_path):
     """A sweep through hydra-submitit-launcher's local executor (what submitit_slurm uses on a cluster): two
     jobs in separate processes that are the same base cell (K does not matter to base); the per-cell lock lets

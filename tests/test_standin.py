@@ -144,6 +144,7 @@ def test_standin_preflight_passes(standin_cache):
     assert {c.device for c in p.cells} == {"cpu"} and {c.reward for c in p.cells} == {"pickscore"}
 
 
+@pytest.mark.slow
 def test_reduced_standin_sdxl_grid_runs_end_to_end_and_reports(standin_cache, tmp_path, monkeypatch, capsys):
     """base + DDPO (DDIM kernel) + PSO (Euler-ancestral, SDXL's own) at K=2 on the tiny SDXL pipeline, scored by the
     five tiny reward models, through bench.run in-process; the report renders from its MLflow store."""

@@ -166,6 +166,7 @@ def _runs(uri: str, study: str):
     return runs[runs["tags.sweep.study"] == study] if len(runs) else runs
 
 
+@pytest.mark.slow
 def test_study_of_three_trials_then_resume_after_a_crash(tiny_toy, uri, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = [*small(tiny_toy, uri, tmp_path), "method=ddpo", "sweep.n_trials=3", "sweep.intermediate.points=2"]
@@ -263,6 +264,7 @@ def test_pruner_stops_a_trial_whose_learning_rate_collapses_the_reward(tiny_toy,
     assert (tmp_path / "tuned" / f"{name}.yaml").exists()
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_journal_study(tiny_toy, uri, tmp_path):
     """Two processes on one journal file: exactly n_trials COMPLETE trials, numbered 0..n-1, each with its own
     MLflow run."""
@@ -296,6 +298,7 @@ def test_two_worker_processes_share_one_journal_study(tiny_toy, uri, tmp_path):
     print("trials per worker pid:", Counter(t.user_attrs["pid"] for t in trials))
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_trial_fails_by_heartbeat_and_the_survivor_completes_the_study(tiny_toy, uri, tmp_path):
     """Two workers share a study of 3 trials; one is SIGKILLed while its trial runs. That trial stops sending
     heartbeats, the survivor's study.optimize marks it FAIL (it does not count toward n_trials), and the survivor

@@ -27,6 +27,7 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path, timeout: float =
         yield url
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_workers_against_a_tracking_server_lose_and_duplicate_nothing(tiny_toy, tmp_path):
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts", tmp_path / "server.log") as url:
