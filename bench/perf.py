@@ -300,15 +300,14 @@ def run_profiled_cell(overrides: list[str], grid: str = "perf") -> dict[str, Any
 
 def warm_process(cfg: dict, grid: str) -> dict[str, float]:
     """Pay a worker process's one-time costs before the profiled cell, as every cell after a worker's first one
-    finds them paid: the imports a cell makes (torch, diffusers pipelines, peft, mlflow's SQL store, pyplot, ...)
-    and the grid's experiment in the store (the parent of a grid creates it before any worker starts).
+    finds them paid: the imports a cell makes (torch, diffusers pipelines, peft, pyplot, ...), then mlflow's SQL
+    store (imported by bench.tracking) and the grid's experiment in it (the parent of a grid creates it before any worker starts).
     Returns their seconds (reported beside the cell, not in it)."""
     tic = time.perf_counter()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (bench.evaluate.save_training_curve)
-    import mlflow  # noqa: F401
     import pandas  # noqa: F401
     import peft  # noqa: F401
     import pyarrow.parquet  # noqa: F401

@@ -15,7 +15,7 @@ sampler's Python, log-prob maths, optimizer steps, advantages, MLflow, image gri
 - VAE: ``AutoencoderKL.encode`` / ``decode``; text encoders: ``CLIPTextModel(WithProjection).forward`` and the toy
   ``ToyTextEncoder.forward``; rewards: ``tasks.rewards.base.Reward.__call__`` (every reward goes through it);
 - tracking (ours, reported on its own): the public methods of ``bench.tracking.Store`` / ``CellRun`` / ``Tracker``,
-  ``git_commit`` and ``mlflow.start_run`` / ``end_run``;
+  ``git_commit`` and ``start_mlflow_run`` / ``end_mlflow_run`` (MLflow's own run start and end);
 - backward: ``torch.autograd.backward`` (``Tensor.backward`` calls it).
 
 Accounting rules (why the numbers add up):
@@ -268,18 +268,14 @@ class SpanProfiler:
     def _install_tracking(self) -> None:
         import inspect
 
-        import mlflow
-
         from bench import tracking
 
         for cls in (tracking.Store, tracking.CellRun, tracking.Tracker):
             for name, func in list(vars(cls).items()):
                 if inspect.isfunction(func) and not name.startswith("_") and name not in ("tracker", "progress"):
                     self.patch(cls, name, self.wrap(func, "tracking"))
-        for name in ("git_commit", "stepbench_version"):
+        for name in ("git_commit", "stepbench_version", "start_mlflow_run", "end_mlflow_run"):
             self.patch(tracking, name, self.wrap(getattr(tracking, name), "tracking"))
-        for name in ("start_run", "end_run"):
-            self.patch(mlflow, name, self.wrap(getattr(mlflow, name), "tracking"))
 
     def uninstall(self) -> None:
         while self._patches:

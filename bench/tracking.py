@@ -12,7 +12,9 @@ Metrics are buffered and written with ``MlflowClient.log_batch``: on SQLite one 
 1000 points in one batch ~0.25 s. mlflow itself is imported lazily so that ``python -m bench.run method=nope`` fails
 in well under a second.
 
-Read API for reports: ``list_experiments``, ``load_runs``, ``load_scores``, ``artifact_path``, ``metric_history``.
+Read API (``Store.runs/artifact/scores/metric_history/experiments``, on ``mlflow.search_runs`` and
+``mlflow.artifacts.download_artifacts``; for a URI: ``load_runs``, ``artifact_path``, ``load_scores``,
+``metric_history``, ``list_experiments``).
 CLI: ``python -m bench.tracking ui [--uri sqlite:///mlflow.db] [--port 5000]`` starts ``mlflow ui`` on 127.0.0.1;
 ``python -m bench.tracking runs --grid toy`` prints a run table.
 """
@@ -25,7 +27,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,6 +161,20 @@ def _client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
+def start_mlflow_run(uri: str, experiment_id: str, name: str, tags: dict[str, str], system_metrics: bool):
+    """The active (fluent) MLflow run of a cell: system metrics are logged only for the fluent run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, log_system_metrics=system_metrics)
+
+
+def end_mlflow_run(status: str) -> None:
+    import mlflow
+
+    mlflow.end_run(status=status)
 
 
 # ----------------------------------------------------------------------------------------------- process identity
@@ -363,7 +378,95 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-class Store:
+class StoreReader:
+    """The read side of Store (reports, the sweep, gains over base): MLflow's own read API, no client round trips."""
+
+    uri: str
+    client: Any
+
+    def experiments(self, prefix: str = EXPERIMENT_PREFIX) -> list[str]:
+        """Names of the stepbench experiments (one per grid) in the store."""
+        return sorted(e.name for e in self.client.search_experiments() if e.name.startswith(prefix))
+
+    def experiment_ids(self, experiment: str | list[str]) -> list[str]:
+        """Ids of grid names ("toy") or full experiment names; UnknownNameError naming the available ones."""
+        ids = []
+        for name in [experiment] if isinstance(experiment, str) else list(experiment):
+            exp = self.client.get_experiment_by_name(name if name.startswith(EXPERIMENT_PREFIX)
+                                                     else experiment_name(name))
+            if exp is None:
+                from tasks.registry import UnknownNameError
+
+                raise UnknownNameError("experiment", name, self.experiments())
+            ids.append(exp.experiment_id)
+        return ids
+
+    def runs(self, experiment: str | list[str] = "toy", status: str | None = None):
+        """One row per run (mlflow.search_runs' frame): run_id, run_name, status, start_time, end_time,
+        artifact_uri, experiment_id, the cell tags as typed columns (method, model, reward, train_steps, seed, grid,
+        cell_id) and every ``tags.*``, ``params.*``, ``metrics.*`` (latest value) column, oldest run first.
+        ``experiment`` is a grid name ("toy") or a full experiment name; ``status`` filters (e.g. "FINISHED")."""
+        import mlflow
+        import pandas as pd
+
+        ids = self.experiment_ids(experiment)
+        mlflow.set_tracking_uri(self.uri)
+        frame = mlflow.search_runs(ids, filter_string=f"attributes.status = '{status}'" if status else "",
+                                   output_format="pandas", order_by=["attributes.start_time ASC"])
+        if not len(frame):
+            return pd.DataFrame(columns=["run_id", "run_name", "status", *CELL_TAGS])
+        frame = frame.rename(columns={"tags.mlflow.runName": "run_name"})
+        for col in ("start_time", "end_time"):  # naive UTC, as the rest of stepbench writes times
+            frame[col] = pd.to_datetime(frame[col], utc=True).dt.tz_localize(None)
+        for key in CELL_TAGS:
+            frame[key] = frame.get(f"tags.{key}")
+        for col in ("train_steps", "seed"):
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
+        frame["tags.mlflow.runName"] = frame["run_name"]
+        return frame.reset_index(drop=True)
+
+    def artifact(self, run_id: str, path: str, dst: str | Path | None = None) -> Path:
+        """A local file (or directory) for a run's artifact: the file itself for local artifact stores, else a
+        download (into `dst`, default a temp folder). FileNotFoundError when the run has no such artifact."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=self.uri,
+                                                            dst_path=None if dst is None else str(dst)))
+        except (MlflowException, OSError) as err:
+            info = self.client.get_run(run_id).info
+            raise FileNotFoundError(f"run {run_id} ({info.run_name}, {info.status}) has no artifact {path!r}: "
+                                    f"{' '.join(str(err).split())[:300]}") from None
+
+    def scores(self, run_ids: list[str] | str, missing: str = "raise"):
+        """The per-image scores tables (``eval/scores.parquet``) of the given runs, concatenated; columns run_id,
+        cell_id, method, prompt, prompt_idx, sample_idx, seed, S, reward, value (+ model, train_steps, eval_seed).
+        ``missing="skip"`` ignores runs without scores (failed cells) instead of raising."""
+        import pandas as pd
+
+        frames = []
+        for run_id in [run_ids] if isinstance(run_ids, str) else list(run_ids):
+            try:
+                frames.append(pd.read_parquet(self.artifact(run_id, "eval/scores.parquet")))
+            except FileNotFoundError:
+                if missing != "skip":
+                    raise
+        if not frames:
+            return pd.DataFrame(columns=["run_id", "cell_id", "method", "prompt", "prompt_idx", "sample_idx", "seed",
+                                         "S", "reward", "value"])
+        return pd.concat(frames, ignore_index=True)
+
+    def metric_history(self, run_id: str, key: str):
+        """All points of one metric of a run (e.g. ``train/reward_mean`` against NFEs): columns step, value,
+        timestamp."""
+        import pandas as pd
+
+        points = self.client.get_metric_history(run_id, key)
+        return pd.DataFrame([(m.step, m.value, m.timestamp) for m in points], columns=["step", "value", "timestamp"])
+
+
+class Store(StoreReader):
     """A connection to one tracking URI: experiments, cell lookup for resume, stale-run cleanup, new runs."""
 
     def __init__(self, uri: str | None = None, *, lease_seconds: float = DEFAULT_LEASE_SECONDS):
@@ -457,17 +560,13 @@ class Store:
         """Open a run; it ends FINISHED when the block exits normally, FAILED (error tag + error.txt) otherwise.
 
         The exception is re-raised: the caller decides whether the grid goes on."""
-        import mlflow
-
-        mlflow.set_tracking_uri(self.uri)
         all_tags = {k: str(v) for k, v in tags.items()} | _process_tags()
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=all_tags,
-                                  log_system_metrics=system_metrics)
+        active = start_mlflow_run(self.uri, experiment_id, name, all_tags, system_metrics)
         if "cell_id" in tags:
             try:
                 self._confirm_claim(experiment_id, str(tags["cell_id"]), active.info.run_id)
             except ClaimLost:
-                mlflow.end_run(status="KILLED")
+                end_mlflow_run("KILLED")
                 self.client.delete_run(active.info.run_id)  # not a result, not a failure: out of every view
                 raise
         run = CellRun(self, active.info.run_id, flush_every=flush_every, flush_seconds=flush_seconds)
@@ -481,7 +580,7 @@ class Store:
         else:
             beat.stop()
             run.flush()
-            mlflow.end_run(status="FINISHED")
+            end_mlflow_run("FINISHED")
 
 
 class _Heartbeat:
@@ -624,8 +723,6 @@ class CellRun:
         """Mark the run FAILED with the error text as a tag and as ``error.txt`` (best effort)."""
         import traceback
 
-        import mlflow
-
         text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else getattr(err, "mlflow_status", "FAILED")
         with contextlib.suppress(Exception):
@@ -634,121 +731,32 @@ class CellRun:
             self.set_tags({"error": f"{type(err).__name__}: {err}"[:_MAX_TAG_LEN]})
         with contextlib.suppress(Exception):
             self.log_text(text, "error.txt")
-        mlflow.end_run(status=status)
+        end_mlflow_run(status)
 
 
 # ----------------------------------------------------------------------------------------------- read side
+# Methods of the one store object on MLflow's own read API (mlflow.search_runs as a pandas frame,
+# mlflow.artifacts.download_artifacts); the module functions below are the same calls for a URI (reports use them).
 
 
 def list_experiments(uri: str = DEFAULT_URI, prefix: str = EXPERIMENT_PREFIX) -> list[str]:
-    """Names of the stepbench experiments (one per grid) in a store."""
-    client = _client(uri)
-    return sorted(e.name for e in client.search_experiments() if e.name.startswith(prefix))
-
-
-def _experiment_ids(client, experiment: str | list[str]) -> list[str]:
-    names = [experiment] if isinstance(experiment, str) else list(experiment)
-    ids = []
-    for name in names:
-        if not name.startswith(EXPERIMENT_PREFIX):
-            name = experiment_name(name)
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            from tasks.registry import UnknownNameError
-
-            raise UnknownNameError("experiment", name, list_experiments(client.tracking_uri))
-        ids.append(exp.experiment_id)
-    return ids
+    return Store(uri).experiments(prefix)
 
 
 def load_runs(uri: str = DEFAULT_URI, experiment: str | list[str] = "toy", status: str | None = None):
-    """One row per run: run_id, run_name, status, start_time, end_time, artifact_uri, the cell tags as typed
-    columns (method, model, reward, train_steps, seed, grid, cell_id) and every ``tags.*``, ``params.*``,
-    ``metrics.*`` (latest value) column. ``experiment`` is a grid name ("toy") or a full experiment name;
-    ``status`` filters (e.g. "FINISHED")."""
-    import pandas as pd
-
-    client = _client(uri)
-    flt = f"attributes.status = '{status}'" if status else ""
-    rows = []
-    page_token = None
-    ids = _experiment_ids(client, experiment)
-    while True:
-        page = client.search_runs(ids, filter_string=flt, max_results=1000, page_token=page_token)
-        for run in page:
-            row = {
-                "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-                "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
-                "end_time": pd.to_datetime(run.info.end_time, unit="ms") if run.info.end_time else pd.NaT,
-                "artifact_uri": run.info.artifact_uri, "experiment_id": run.info.experiment_id,
-            }
-            row.update({key: run.data.tags.get(key) for key in CELL_TAGS})
-            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
-            row.update({f"params.{k}": v for k, v in run.data.params.items()})
-            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-            rows.append(row)
-        page_token = page.token
-        if not page_token:
-            break
-    frame = pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status", *CELL_TAGS])
-    for col in ("train_steps", "seed"):
-        if col in frame:
-            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
-    return frame.sort_values("start_time").reset_index(drop=True) if len(frame) else frame
+    return Store(uri).runs(experiment, status)
 
 
 def artifact_path(uri: str, run_id: str, path: str, dst: str | Path | None = None) -> Path:
-    """A local file (or directory) for a run's artifact: the file itself for local artifact stores, else a
-    download (into `dst`, default a per-run temp folder). FileNotFoundError when the run has no such artifact."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    run = _client(uri).get_run(run_id)
-    root = run.info.artifact_uri
-    if root.startswith("file:") or root.startswith("/"):
-        from urllib.request import url2pathname
-
-        local = Path(url2pathname(urlparse(root).path) if root.startswith("file:") else root) / path
-        if not local.exists():
-            raise FileNotFoundError(f"run {run_id} ({run.info.run_name}, {run.info.status}) has no artifact {path!r}")
-        return local
-    dst = Path(dst) if dst else Path(tempfile.gettempdir()) / "stepbench-artifacts" / run_id
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst),
-                                                    tracking_uri=resolve_uri(uri))
-    except MlflowException as err:
-        raise FileNotFoundError(f"run {run_id} ({run.info.run_name}, {run.info.status}) has no artifact "
-                                f"{path!r}: {err}") from None
-    return Path(local)
+    return Store(uri).artifact(run_id, path, dst)
 
 
 def load_scores(uri: str, run_ids: list[str] | str, missing: str = "raise"):
-    """The per-image scores tables (``eval/scores.parquet``) of the given runs, concatenated; columns
-    run_id, cell_id, method, prompt, prompt_idx, sample_idx, seed, S, reward, value (+ model, train_steps,
-    eval_seed). ``missing="skip"`` ignores runs without scores (failed cells) instead of raising."""
-    import pandas as pd
-
-    run_ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
-    frames = []
-    for rid in run_ids:
-        try:
-            frames.append(pd.read_parquet(artifact_path(uri, rid, "eval/scores.parquet")))
-        except FileNotFoundError:
-            if missing != "skip":
-                raise
-    if not frames:
-        return pd.DataFrame(columns=["run_id", "cell_id", "method", "prompt", "prompt_idx", "sample_idx", "seed",
-                                     "S", "reward", "value"])
-    return pd.concat(frames, ignore_index=True)
+    return Store(uri).scores(run_ids, missing)
 
 
 def metric_history(uri: str, run_id: str, key: str):
-    """All points of one metric of a run (e.g. ``train/reward_mean`` against NFEs): columns step, value, timestamp."""
-    import pandas as pd
-
-    points = _client(uri).get_metric_history(run_id, key)
-    return pd.DataFrame([(m.step, m.value, m.timestamp) for m in points], columns=["step", "value", "timestamp"])
+    return Store(uri).metric_history(run_id, key)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
