@@ -332,9 +332,7 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
             method_tracker = accel.ScaledTracker(method_tracker, dp.world_size)
         tic = time.perf_counter()
         sync = dp.training(policy.trainable_parameters()) if dp is not None else contextlib.nullcontext()
-        from bench.plan import NO_TRAINING
-
-        before = None if cfg["method"]["name"] in NO_TRAINING else _fingerprint(policy)
+        before = _fingerprint(policy) if methods.trains(cfg["method"]["name"]) else None
         with sync as gradient_sync, accel.optimizers(cfg.get("adam_8bit", False)):
             method.train(policy, task, budget, method_tracker)
         train_seconds = time.perf_counter() - tic

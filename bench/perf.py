@@ -46,8 +46,6 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("sampler", "cells", "grid", "toy_grid", "paper")
-METHODS = ("base", "ddpo", "diffusion_dpo", "pso", "spo", "spo_reward_x0", "sdpo", "sharpening", "sharpening_sft", "sft", "inference_scaling",
-           "grpo", "nft")
 TARGETS = {"sampler_ratio": 1.10, "harness_overhead": 0.05, "peak_rss_mb": 2048.0, "grid_speedup": 1.6}
 TOY_SIZED_SMOKE = ("recipe=toy", "budget.nfe=2560", "eval.n=64", "eval.batch_size=64")
 """Overrides that turn the smoke grid's 5 cells into toy-sized ones (toy recipe, a few epochs, eval n 64)."""
@@ -93,6 +91,13 @@ def machine() -> dict[str, Any]:
         "nice": os.nice(0), "load_average_start": list(os.getloadavg()),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def method_names() -> list[str]:
+    """Every registered method (methods/__init__.py): a method added there is profiled with no edit here."""
+    import methods
+
+    return methods.names()
 
 
 def _env() -> dict[str, str]:
@@ -526,103 +531,37 @@ def run_toy_grid(model_path: str | None, workdir: Path) -> dict[str, Any]:
 
 # ============================================================================================== paper estimate
 
-# The published UNet configs (unet/config.json of stabilityai/sdxl-turbo and stabilityai/sd-turbo); every key not
-# listed is diffusers' default for UNet2DConditionModel. Parameter counts are checked against the published totals.
-PUBLISHED_PARAMS = {"sdxl-turbo": 2_567_463_684, "sd-turbo": 865_910_724}
-H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM5: 1979 TFLOP/s bf16 with 2:4 sparsity, half of it dense
-UTILISATION = 0.40
-GRAD_NFE_FACTOR = 3.0  # forward + backward (activation grads ~1x, weight grads ~1x) of one NFE, in forwards
-
-
-def count_unet_flops(name: str, resolution: int = 512, tokens: int = 77) -> dict[str, float]:
-    """FLOPs (2 x multiply-adds) of one UNet forward at batch 1 and of one SD-VAE decode, counted by
-    torch.utils.flop_counter on the meta device (no memory, no weights): exact for the convolutions, linears,
-    attention matmuls (scaled_dot_product_attention is counted as its two matmuls); norms, activations and
-    softmax are not counted (a few % at most)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from bench.plan import REAL_UNET, REAL_VAE
-
-    config = REAL_UNET[name]
-    side = resolution // 8
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**{**config, "sample_size": side})
-        params = sum(p.numel() for p in unet.parameters())
-        x = torch.zeros(1, 4, side, side)
-        text = torch.zeros(1, tokens, config["cross_attention_dim"])
-        added = None
-        if config.get("addition_embed_type") == "text_time":
-            pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-            added = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            unet(x, torch.tensor([999]), encoder_hidden_states=text, added_cond_kwargs=added)
-        unet_flops = counter.get_total_flops()
-        vae = AutoencoderKL(**{**REAL_VAE, "sample_size": resolution})
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            vae.decode(torch.zeros(1, 4, side, side))
-        vae_flops = counter.get_total_flops()
-    if params != PUBLISHED_PARAMS[name]:
-        raise AssertionError(f"{name}: built UNet has {params:,} parameters, published {PUBLISHED_PARAMS[name]:,}")
-    return {"resolution": resolution, "latent": side, "tokens": tokens, "unet_params": params,
-            "unet_tflop_per_nfe": unet_flops / 1e12, "vae_decode_tflop": vae_flops / 1e12}
-
-
 def paper_estimate(grids_: Sequence[str] = ("sdxl-turbo", "sd-turbo")) -> dict[str, Any]:
-    """FLOPs per NFE, NFEs per cell per (method, K) at each grid's budgets, and H100 GPU-hours.
-
-    Per cell: training NFEs = the budget (an upper bound; base and inference_scaling train nothing), costed at
-    (1 + GRAD_NFE_FACTOR) / 2 forwards each (about half are sampling forwards, half forward+backward); every
-    training trajectory (training NFEs / 2K of them) adds a VAE decode and a training-reward forward; evaluation =
-    eval.n x sum over S of the method's denoiser calls per image (bench.plan.eval_nfe_per_image: S, or N x S for
-    best-of-N search), x2 with CFG, plus a decode per generated image and a forward of every scoring reward per
-    kept image. Reward forwards use bench.plan.REWARD_TFLOP (counted there the same way). Text encoders, optimizer
-    steps and data movement are not counted."""
+    """bench.plan's compute estimate of each real grid (one cost model: bench/plan.py), grouped by (method, K):
+    NFEs and H100 GPU-hours per cell, with the UNet / VAE FLOPs counted on the meta device from the real configs."""
     from bench import grid as grids
-    from bench.plan import REWARD_TFLOP, eval_nfe_per_image
+    from bench import plan as planner
 
-    out: dict[str, Any] = {"peak_tflops": H100_BF16_DENSE_TFLOPS, "utilisation": UTILISATION,
-                           "grad_nfe_factor": GRAD_NFE_FACTOR, "reward_tflop": dict(REWARD_TFLOP), "grids": {}}
-    rate = H100_BF16_DENSE_TFLOPS * UTILISATION  # sustained TFLOP/s
+    out: dict[str, Any] = {"peak_tflops": planner.PEAK_TFLOPS, "utilisation": planner.UTILISATION,
+                           "train_nfe_factor": planner.TRAIN_NFE_FACTOR, "reward_tflop": dict(planner.REWARD_TFLOP),
+                           "grids": {}}
     for grid in grids_:
         if not (grids.CONF_DIR / "grid" / f"{grid}.yaml").is_file():
             out["grids"][grid] = {"status": f"bench/conf/grid/{grid}.yaml not found"}
             continue
-        cells = grids.grid_cells([f"grid={grid}"])
-        model = cells[0]["model"]["name"]
-        flops = count_unet_flops(model)
-        unet, vae = flops["unet_tflop_per_nfe"], flops["vae_decode_tflop"]
+        p = planner.plan([f"grid={grid}"])
+        model = p.cells[0].model
+        counted, side = planner.count_flops(model), planner.REAL_UNET[model]["sample_size"]
+        flops = {"resolution": 8 * side, "latent": side, "tokens": 77, "unet_params": counted["unet_params"],
+                 "unet_tflop_per_nfe": counted["unet"], "vae_decode_tflop": counted["vae_decode"]}
+        rate = p.peak_tflops * p.utilisation * 3600  # TFLOP per GPU-hour
         groups: dict[str, dict[str, Any]] = {}
-        for c in cells:
-            name = c["method"]["name"]
-            k = 0 if grids.is_base(c) else grids.resolved_train_steps(c)
-            train = 0 if name in ("base", "inference_scaling") else int(c["budget"]["nfe"])
-            cfg_factor = 2 if (c["policy"].get("guidance_scale") or 0.0) > 1.0 else 1
-            n = int(c["eval"]["n"])
-            eval_nfe = images = verifier = 0
-            for s_ in c["eval"]["steps"]:
-                calls, decoded, verify = eval_nfe_per_image(c["method"], int(s_))
-                eval_nfe, images, verifier = eval_nfe + n * calls * cfg_factor, images + n * decoded, verifier + n * verify
-            reward = c["reward"]["name"]
-            scorers = list(dict.fromkeys([reward, *c["eval"]["rewards"]]))
-            trajectories = train / (2 * k) if train else 0.0
-            tflop = (train * (1 + GRAD_NFE_FACTOR) / 2 * unet + trajectories * (vae + REWARD_TFLOP.get(reward, 0.0))
-                     + eval_nfe * unet + images * vae
-                     + n * len(c["eval"]["steps"]) * sum(REWARD_TFLOP.get(r, 0.0) for r in scorers)
-                     + verifier * REWARD_TFLOP.get(c["method"].get("verifier") or reward, 0.0))
-            key = name if grids.is_base(c) else f"{name} K={k}"
-            g = groups.setdefault(key, {"method": name, "K": k, "cells": 0, "train_nfe": train, "eval_nfe": eval_nfe,
-                                        "tflop_per_cell": 0.0})
+        for c in p.cells:
+            g = groups.setdefault(c.method if c.method == grids.BASE else f"{c.method} K={c.train_steps}",
+                                  {"method": c.method, "K": c.train_steps, "cells": 0, "train_nfe": c.train_nfe,
+                                   "eval_nfe": c.eval_nfe, "tflop": 0.0})
             g["cells"] += 1
-            g["tflop_per_cell"] = max(g["tflop_per_cell"], tflop)  # cells of a group differ only in reward/seed
-        total = 0.0
+            g["tflop"] += c.tflop  # cells of a group differ in reward (its forward's FLOPs) and seed
         for g in groups.values():
-            g["gpu_hours_per_cell"] = g["tflop_per_cell"] / rate / 3600
-            g["gpu_hours_all_cells"] = g["gpu_hours_per_cell"] * g["cells"]
-            total += g["gpu_hours_all_cells"]
-        out["grids"][grid] = {"model": model, "flops": flops, "cells": len(cells), "methods": groups,
-                              "gpu_hours": total}
+            g["gpu_hours_all_cells"] = g["tflop"] / rate
+            g["gpu_hours_per_cell"] = g["gpu_hours_all_cells"] / g["cells"]
+        out["grids"][grid] = {"model": model, "flops": flops, "cells": len(p.cells), "methods": groups,
+                              "gpu_hours": p.gpu_hours}
     return out
 
 
@@ -716,10 +655,10 @@ def markdown(results: dict[str, Any]) -> str:
     if "paper" in results:
         p = results["paper"]
         lines += ["## On paper: real models on an H100-class GPU",
-                  f"Peak {p['peak_tflops']:.0f} TFLOP/s dense bf16 at {p['utilisation']:.0%} utilisation; a training "
-                  f"NFE costs (1 + {p['grad_nfe_factor']:g}) / 2 forwards on average (half sampling forwards, half "
-                  f"forward+backward); every trajectory and evaluation image adds a VAE decode and its reward "
-                  f"forwards.", ""]
+                  f"bench.plan's estimate: peak {p['peak_tflops']:g} TFLOP/s dense bf16 at {p['utilisation']:.0%} "
+                  f"utilisation; a training NFE costs {p['train_nfe_factor']:g} forwards on average (half sampling "
+                  f"forwards, half forward+backward); every trajectory and evaluation image adds a VAE decode and its "
+                  f"reward forwards.", ""]
         for grid, g in p["grids"].items():
             if "flops" not in g:
                 lines.append(f"- {grid}: {g.get('status')}")
@@ -756,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="repeats of the sampler benchmark (default 5)")
     parser.add_argument("--cell-repeats", type=int, default=None, help="repeats of each method's cell (default 2)")
     parser.add_argument("--grid-repeats", type=int, default=1, help="repeats of the smoke grid per worker count")
-    parser.add_argument("--methods", default=",".join(METHODS), help="methods whose toy cell is profiled")
+    parser.add_argument("--methods", default=None, help="methods whose toy cell is profiled (default: every "
+                        "registered method)")
     parser.add_argument("--steps", default="1,2,4,8", help="sampler step counts S")
     parser.add_argument("--toy-batch", type=int, default=None, help="sampler batch on toy-turbo (default 32)")
     parser.add_argument("--sdxl-batch", type=int, default=8, help="sampler batch on the tiny SDXL pipeline")
@@ -770,10 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; available: {', '.join(SECTIONS)}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = sorted(set(methods) - set(METHODS))
+    registered = method_names()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else registered
+    bad = sorted(set(methods) - set(registered))
     if bad:
-        parser.error(f"unknown method(s) {', '.join(bad)}; available: {', '.join(METHODS)}")
+        parser.error(f"unknown method(s) {', '.join(bad)}; available: {', '.join(registered)}")
     repeats = args.repeats or (1 if args.quick else 5)
     cell_repeats = args.cell_repeats or (1 if args.quick else 2)
     toy_batch = args.toy_batch or (8 if args.quick else 32)
@@ -835,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cell_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.perf cell", description="one profiled toy cell")
-    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--method", required=True, choices=method_names())
     parser.add_argument("--budget", type=int, default=4096)
     parser.add_argument("--eval-n", type=int, default=64)
     parser.add_argument("--eval-batch-size", type=int, default=256)

@@ -5,14 +5,14 @@
     python -m bench.plan --count-flops sdxl-turbo           # recount the FLOP constants below (meta device, ~10 s)
 
 The nox sessions ``bench-sdxl-turbo`` / ``bench-sd-turbo`` run this first: it composes a handful of configs (no
-model, no torch import on the plan path, no MLflow), prints the plan, then checks that what the cells need is
+model loaded, no MLflow; each method's Config is built, so its own cost rules apply), prints the plan, then checks that what the cells need is
 here: a CUDA device when they ask for one, the pipeline weights (``model.path`` or the Hugging Face cache) and
 every reward model's weights (training and evaluation rewards). Anything missing is listed with the exact way to
 provide it, and the exit status is 3, within seconds.
 
 Compute estimate (stated with every plan):
-- NFEs per cell: training = ``budget.nfe`` (an upper bound: methods stop before overspending; ``base`` and
-  ``inference_scaling`` train nothing); evaluation = ``eval.n`` x sum over S of the method's NFEs per image at S
+- NFEs per cell: training = ``budget.nfe`` (an upper bound: methods stop before overspending; a method
+  whose class says ``trains = False``, base and inference scaling, trains nothing); evaluation = ``eval.n`` x sum over S of the method's NFEs per image at S
   (S plain, N*S for best-of-N inference scaling, ...) x 2 with classifier-free guidance.
 - FLOPs: the UNet's forward FLOPs per NFE at the model's resolution (512 px: a 64x64 latent, 77 text tokens,
   batch 1), counted with ``torch.utils.flop_counter`` on the meta device from the real UNet configs (their parameter
@@ -20,8 +20,9 @@ Compute estimate (stated with every plan):
   TRAIN_NFE_FACTOR x that (half sampling forwards at 1x, half forward+backward passes at 3x). Each evaluation
   image adds a VAE decode and one forward of every scoring reward model; each K-step training trajectory
   (~ training NFEs / 2K of them) adds a decode and a training-reward forward.
-- GPU-hours = FLOPs / (peak x utilisation) with an H100-class GPU: 989 TFLOP/s dense bf16 peak at 40 % model-FLOPs
-  utilisation (both flags). Text encoders, optimizer steps and data movement are not counted.
+- GPU-hours = FLOPs / (peak x utilisation) with an H100-class GPU: 989.4 TFLOP/s dense bf16 peak at 40 %
+  model-FLOPs utilisation (both flags). Text encoders, optimizer steps and data movement are not counted.
+  bench.perf's on-paper estimate is this plan.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 # ----------------------------------------------------------------------------------------------- assumptions
 
-PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 tensor cores
+PEAK_TFLOPS = 989.4  # H100 SXM5, dense bf16 tensor cores (1979 TFLOP/s with 2:4 sparsity, half of it dense)
 UTILISATION = 0.40   # model-FLOPs utilisation assumed for diffusion training/inference at 512 px
 TRAIN_NFE_FACTOR = 2.0
 # TFLOP per call at 512 px, counted by `count_flops` (UNet: one NFE, batch 1; VAE: one decode of one image).
@@ -46,7 +47,6 @@ VAE_DECODE_TFLOP = {"sd-turbo": 2.515, "sdxl-turbo": 2.515}
 # + 0.013 text (CLIPScore; the aesthetic predictor uses the image tower only); ImageReward's BLIP ViT-L/16 0.123
 # + its 35-token BERT with cross-attention ~0.015. Counted the same way from the transformers configs.
 REWARD_TFLOP = {"pickscore": 0.382, "hpsv2": 0.382, "clipscore": 0.175, "aesthetic": 0.162, "imagereward": 0.138}
-NO_TRAINING = ("base", "inference_scaling")
 NOT_READY = 3  # exit status when the preflight finds something missing
 
 # The real UNet / VAE configs (diffusers UNet2DConditionModel / AutoencoderKL keyword arguments; everything not
@@ -114,23 +114,14 @@ class Plan:
 
 
 def eval_nfe_per_image(method: dict, num_steps: int) -> tuple[int, int, int]:
-    """(denoiser calls, decoded images, verifier calls) per evaluation image at S = num_steps, without CFG.
+    """(denoiser calls, decoded images, verifier calls) per evaluation image at S = num_steps, without CFG: the
+    method Config's own ``eval_cost`` (inference scaling's search, methods/inference_scaling.py), else plain
+    sampling: S calls, 1 image, no verifier."""
+    import methods
+    from bench.validate import method_fields
 
-    Plain sampling: S calls, 1 image. Inference scaling (methods/inference_scaling.py): "random" best-of-N costs
-    N*S and decodes/scores N candidates; "zero_order" (1 + rounds*neighbours)*S; "paths" N*S + N*(M-1)*(S-b)."""
-    if method.get("name") != "inference_scaling":
-        return num_steps, 1, 0
-    search = method.get("search", "random")
-    n, m = int(method.get("num_candidates", 4)), int(method.get("paths_branches", 2))
-    if search == "zero_order":
-        count = 1 + int(method.get("zo_rounds", 4)) * int(method.get("zo_neighbours", 4))
-        return count * num_steps, count, count
-    if search == "paths" and num_steps >= 2:
-        b = method.get("paths_branch_step") or num_steps // 2
-        b = min(int(b), num_steps - 1)
-        return n * num_steps + n * (m - 1) * (num_steps - b), n * m, n * m
-    count = n * (m if search == "paths" else 1)
-    return count * num_steps, count, count
+    cost = getattr(methods.make_config(method["name"], **method_fields(method)), "eval_cost", None)
+    return cost(num_steps) if cost is not None else (num_steps, 1, 0)
 
 
 def _guidance(cfg: dict) -> float:
@@ -140,22 +131,17 @@ def _guidance(cfg: dict) -> float:
     return float(zoo.get(cfg["model"]["name"]).guidance_scale if scale is None else scale)
 
 
-def _train_steps(cfg: dict) -> int:
-    import tasks.models as zoo
-
-    k = cfg.get("train_steps")
-    return int(k) if k is not None else int(zoo.get(cfg["model"]["name"]).default_train_steps)
-
-
 def cell_plan(cfg: dict, flops: dict[str, float] | None = None) -> CellPlan:
     """NFEs and TFLOPs of one composed cell config."""
+    import methods
+    from bench.grid import resolved_train_steps
     from bench.tracking import run_name
 
     method = cfg["method"]
     name = method["name"]
     cfg_factor = 2 if _guidance(cfg) > 1.0 else 1
-    k = 0 if name == "base" else _train_steps(cfg)
-    train_nfe = 0 if name in NO_TRAINING else int(cfg["budget"]["nfe"])
+    k = 0 if name == "base" else resolved_train_steps(cfg)
+    train_nfe = int(cfg["budget"]["nfe"]) if methods.trains(name) else 0
     n = int(cfg["eval"]["n"])
     eval_nfe = eval_images = verifier_calls = 0
     for s in cfg["eval"]["steps"]:

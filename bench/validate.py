@@ -136,13 +136,6 @@ def method_fields(method: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(method).items() if k not in RESERVED_METHOD_KEYS}
 
 
-def train_steps(cfg: Any) -> int:
-    """K for this cell: the configured one, or the model's default_train_steps."""
-    import tasks.models as models
-
-    return int(cfg.train_steps) if cfg.train_steps is not None else models.get(cfg.model.name).default_train_steps
-
-
 def check_config(cfg: Any) -> None:
     """Validate one composed cell config (an OmegaConf node or a plain nested dict). Raises ConfigError."""
     from omegaconf import OmegaConf
@@ -197,7 +190,9 @@ def check_config(cfg: Any) -> None:
         if s not in spec.step_counts:
             raise ConfigError(f"eval.steps: {s} is not a step count {spec.name} supports; valid: "
                               f"{', '.join(map(str, spec.step_counts))}")
-    k = train_steps(cfg)
+    from bench.grid import resolved_train_steps
+
+    k = resolved_train_steps(cfg)
     if k not in spec.step_counts:
         raise ConfigError(f"train_steps: {k} is not a step count {spec.name} supports; valid: "
                           f"{', '.join(map(str, spec.step_counts))}")
@@ -237,9 +232,7 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"method {method_name!r} is registered but cannot be imported: {err}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"method.{method_name}: {err}") from None
-    from bench.plan import NO_TRAINING
-
-    if method_name not in NO_TRAINING:
+    if methods.trains(method_name):
         guidance = cfg.policy.guidance_scale if cfg.policy.guidance_scale is not None else spec.guidance_scale
         need = min_update_nfe(config, k, 2 if guidance > 1.0 else 1)
         if cfg.budget.nfe < need:

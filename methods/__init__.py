@@ -26,7 +26,7 @@ from .common import Budget, BudgetExhausted, NullTracker, PerPromptStatTracker, 
 __all__ = [
     "Budget", "BudgetExhausted", "Method", "NullTracker", "PerPromptStatTracker", "Task", "Tracker",
     "UnknownNameError", "config_class", "deviation_rows", "deviations_markdown", "load", "make_config", "names",
-    "presets",
+    "presets", "trains",
 ]
 
 
@@ -84,6 +84,11 @@ for _name, _module, _attr in [
 def names() -> list[str]:
     """Registered method names (sorted)."""
     return _REGISTRY.names()
+
+
+def trains(name: str) -> bool:
+    """Whether method `name` trains (base and inference scaling do not: their class says `trains = False`)."""
+    return bool(getattr(method_class(name), "trains", True))
 
 
 def method_class(name: str) -> type:

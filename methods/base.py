@@ -29,6 +29,7 @@ class BaseMethod:
     """Leaves the policy untouched; `generate` is `default_generate`."""
 
     name: ClassVar[str] = "base"
+    trains: ClassVar[bool] = False
     Config = Config
 
     def __init__(self, config: Config | None = None):

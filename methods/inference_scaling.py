@@ -90,6 +90,16 @@ class Config:
         b = _branch_step(self.paths_branch_step, num_steps)
         return self.num_candidates * (1 + (self.paths_branches - 1) * (num_steps - b) / num_steps)
 
+    def eval_cost(self, num_steps: int) -> tuple[int, int, int]:
+        """(denoiser calls, decoded images, verifier calls) per evaluated image at S = num_steps, without CFG (the
+        cost bench.plan charges this row): best-of-N N*S; zero-order (1 + rounds*neighbours)*S; paths
+        N*S + N*(M-1)*(S-b) with N*M candidates."""
+        if self.search == "zero_order":
+            candidates = 1 + self.zo_rounds * self.zo_neighbours
+        else:
+            candidates = self.num_candidates * (self.paths_branches if self.search == "paths" else 1)
+        return round(self.search_samples(num_steps) * num_steps), candidates, candidates
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Pure selection functions
@@ -165,6 +175,7 @@ class InferenceScalingMethod:
     """Trains nothing; `generate` searches initial noises (or paths) against the verifier."""
 
     name: ClassVar[str] = "inference_scaling"
+    trains: ClassVar[bool] = False
     Config = Config
 
     def __init__(self, config: Config | None = None):

@@ -244,12 +244,12 @@ def test_json_and_markdown_carry_every_field(tmp_path):
         "toy_grid": {"kind": "estimate", "cells": 34, "serial_s": 7200.0, "speedup_used": 1.67, "wall_s": 4311.0,
                      "serial_cpu_s": 3600.0, "wall_s_if_2_free_cores": 2155.0, "methods_missing": [],
                      "how": "sum of projected cells"},
-        "paper": {"peak_tflops": 989.4, "utilisation": 0.4, "grad_nfe_factor": 3.0, "grids": {
+        "paper": {"peak_tflops": 989.4, "utilisation": 0.4, "train_nfe_factor": 2.0, "grids": {
             "sdxl-turbo": {"model": "sdxl-turbo", "cells": 300, "gpu_hours": 1234.0,
                            "flops": {"resolution": 512, "latent": 64, "tokens": 77, "unet_params": 2_567_463_684,
                                      "unet_tflop_per_nfe": 1.59, "vae_decode_tflop": 2.5},
                            "methods": {"ddpo K=4": {"method": "ddpo", "K": 4, "cells": 12, "train_nfe": 2_560_000,
-                                                    "eval_nfe": 7350, "tflop_per_cell": 8.2e6,
+                                                    "eval_nfe": 7350, "tflop": 9.84e7,
                                                     "gpu_hours_per_cell": 5.7, "gpu_hours_all_cells": 68.4}}}}},
     }
     md = perf.markdown(results)

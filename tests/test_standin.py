@@ -61,12 +61,34 @@ def test_real_grid_plan_counts_cells_nfes_and_gpu_hours():
     expected = (2_560_000 * 2 * unet + 2_560_000 / 2 * (vae + r["aesthetic"]) + 7350 * unet + 490 * 4 * vae
                 + 490 * 4 * sum(r[n] for n in ("pickscore", "hpsv2", "imagereward", "aesthetic", "clipscore")))
     assert k1.tflop == pytest.approx(expected, rel=1e-9)
-    assert p.gpu_hours == pytest.approx(sum(c.tflop for c in cells) / (989 * 0.4) / 3600, rel=1e-9)
+    assert p.gpu_hours == pytest.approx(sum(c.tflop for c in cells) / (989.4 * 0.4) / 3600, rel=1e-9)
     assert 1000 < p.gpu_hours < 4000
     text = planner.format_plan(p)
-    for fragment in ["504 cells (12 base + 492 trained)", "n/a: 48 more cells", "1.59 TFLOP per NFE", "989 TFLOP/s", "40%", "GPU-hours",
+    for fragment in ["504 cells (12 base + 492 trained)", "n/a: 48 more cells", "1.59 TFLOP per NFE", "989.4 TFLOP/s", "40%", "GPU-hours",
                      "2,560,000"]:
         assert fragment in text, fragment
+
+
+def test_evaluation_cost_per_image_is_the_method_config_s_own():
+    """Inference scaling's search cost comes from its Config (its defaults and its formula), not a copy in plan."""
+    assert planner.eval_nfe_per_image({"name": "ddpo"}, 4) == (4, 1, 0)
+    assert planner.eval_nfe_per_image({"name": "inference_scaling"}, 4) == (16, 4, 4)  # its default: best-of-4
+    zero_order = {"name": "inference_scaling", "search": "zero_order", "zo_rounds": 2, "zo_neighbours": 3}
+    assert planner.eval_nfe_per_image(zero_order, 4) == (7 * 4, 7, 7)
+    paths = {"name": "inference_scaling", "search": "paths", "num_candidates": 2, "paths_branches": 3}
+    assert planner.eval_nfe_per_image(paths, 4) == (2 * 4 + 2 * 2 * (4 - 2), 6, 6)  # branch step b = S // 2
+
+
+def test_perf_paper_estimate_is_the_plan():
+    from bench import perf
+
+    estimate = perf.paper_estimate(["sd-turbo"])
+    assert estimate["peak_tflops"] == planner.PEAK_TFLOPS == 989.4
+    grid = estimate["grids"]["sd-turbo"]
+    p = planner.plan(["grid=sd-turbo"])
+    assert grid["gpu_hours"] == p.gpu_hours and grid["cells"] == len(p.cells)
+    assert sum(g["gpu_hours_all_cells"] for g in grid["methods"].values()) == pytest.approx(p.gpu_hours, rel=1e-9)
+    assert grid["flops"]["unet_params"] == 865_910_724
 
 
 def test_flop_constants_match_a_count_of_the_real_unet_config():
