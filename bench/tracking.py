@@ -392,8 +392,8 @@ class StoreReader:
         """Ids of grid names ("toy") or full experiment names; UnknownNameError naming the available ones."""
         ids = []
         for name in [experiment] if isinstance(experiment, str) else list(experiment):
-            exp = self.client.get_experiment_by_name(name if name.startswith(EXPERIMENT_PREFIX)
-                                                     else experiment_name(name))
+            name = name if name.startswith(EXPERIMENT_PREFIX) else experiment_name(name)
+            exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 from tasks.registry import UnknownNameError
 
