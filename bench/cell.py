@@ -214,7 +214,7 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
             "train_steps": 0 if grids.is_base(cfg) else grids.resolved_train_steps(cfg), "seed": cfg["seed"],
             "grid": grid, "cell_id": cid, "git_commit": tracking.git_commit(),
             "stepbench_version": tracking.stepbench_version(), "device": cfg["device"],
-            "recipe": cfg["recipe"]["name"], **(tags or {}),
+            "recipe": cfg["recipe"]["name"], **paper_tags(cfg["method"]["name"]), **(tags or {}),
         }
         if dp is not None:
             run_tags["world_size"] = dp.world_size
@@ -415,3 +415,15 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
         metrics |= _gain_over_base(cfg, run, scores)
     run.log_metrics(metrics, step=budget.total_nfe)
     run.flush()
+
+
+def paper_tags(method: str) -> dict[str, str]:
+    """The run's "row vs paper" record (methods.common.Deviation): tags `paper` and `paper_deviations` (JSON list of
+    [deviation, reason, file]), so the report shows the same table as the README without importing methods."""
+    import json
+
+    import methods
+
+    cls = methods.method_class(method)
+    rows = [[d.what, d.why, d.where] for d in getattr(cls, "deviations", ())]
+    return {"paper": getattr(cls, "paper", ""), "paper_deviations": json.dumps(rows)}

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from methods.common import Budget, Task, Tracker, default_generate
+from methods.common import Budget, Deviation, Task, Tracker, default_generate
 
 
 @dataclass
@@ -31,6 +31,8 @@ class BaseMethod:
     name: ClassVar[str] = "base"
     trains: ClassVar[bool] = False
     Config = Config
+    paper: ClassVar[str] = "the untrained base model"
+    deviations: ClassVar[tuple[Deviation, ...]] = ()
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()

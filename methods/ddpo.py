@@ -34,6 +34,7 @@ import torch
 from methods import sampling
 from methods.common import (
     Budget,
+    Deviation,
     PerPromptStatTracker,
     Task,
     Tracker,
@@ -205,6 +206,17 @@ class DDPOMethod:
 
     name: ClassVar[str] = "ddpo"
     Config = Config
+    paper: ClassVar[str] = "Black et al., Training Diffusion Models with Reinforcement Learning (DDPO), arXiv 2305.13301"
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("toy recipe: group advantages over 8 samples per prompt, 16 trajectories per update, Adam lr 3e-5, "
+                  "full fine-tune (paper: per-prompt stat tracking, AdamW 3e-4, LoRA)", "toy-recipes.md Recipe 1 "
+                  "(DDPO-PP); 16 per update measured +0.059 vs +0.030 at 64", "methods/ddpo.py Config.presets['toy']"),
+        Deviation("toy recipe: the last transition is not trained (paper code: every step)", "its DDIM std is 0.006 "
+                  "on the toy: a large, noisy log-ratio that carries little reward signal",
+                  "methods/ddpo.py Config.train_last_step"),
+        Deviation("trained at the cell's K few-step grid, no CFG (paper: 50 DDIM steps, CFG 5)", "the benchmark "
+                  "trains few-step models at K and evaluates at S", "bench/conf/grid/*.yaml train_steps"),
+    )
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()

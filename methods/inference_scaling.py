@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from methods import sampling
-from methods.common import Budget, Task, Tracker, check_choice, check_positive, sample_nfe
+from methods.common import Budget, Deviation, Task, Tracker, check_choice, check_positive, sample_nfe
 
 
 @dataclass
@@ -177,6 +177,15 @@ class InferenceScalingMethod:
     name: ClassVar[str] = "inference_scaling"
     trains: ClassVar[bool] = False
     Config = Config
+    paper: ClassVar[str] = "Ma et al., Inference-Time Scaling for Diffusion Models beyond Scaling Denoising Steps, arXiv 2501.09732"
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("toy recipe: best-of-4 with the training reward as the verifier (paper: up to 256 candidates, "
+                  "several verifiers)", "a compute level comparable to the trained rows' evaluation",
+                  "methods/inference_scaling.py Config.presets['toy']"),
+        Deviation("the verifier is the exact toy verifier, an oracle (paper: learned verifiers)", "the toy world's "
+                  "only rewards are its verifiers: the row is an upper bound, not a like-for-like method",
+                  "methods/inference_scaling.py Config.verifier"),
+    )
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()

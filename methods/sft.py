@@ -23,6 +23,7 @@ import torch
 
 from methods.common import (
     Budget,
+    Deviation,
     Task,
     Tracker,
     build_optimizer,
@@ -135,6 +136,8 @@ class SFTMethod:
 
     name: ClassVar[str] = "sft"
     Config = Config
+    paper: ClassVar[str] = "naive baseline (no paper): the plain denoising loss on reward-preferred samples"
+    deviations: ClassVar[tuple[Deviation, ...]] = ()
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()

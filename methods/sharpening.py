@@ -23,10 +23,13 @@ path, the one that decides a few-step sample's layout, then has no loss term of 
 through the chain, by the later steps' losses.
 
 Harness choices (not in the paper, which trains SDXL on image datasets):
-* Task carries prompts, not images. The SFT variant therefore takes its "dataset image" from a sample of
-  the frozen reference model, a fixed distribution like the paper's dataset, drawn fresh per prompt.
-  The RLHF variant samples from the current policy, as the paper does.
-* The path walks a grid of `num_steps` steps with stride 1000 // num_steps (paper: 25, stride 40). Steps
+* Task carries prompts, not images. Without a `dataset`, the SFT variant's start image of a prompt is the
+  reward-best of `sft_start_candidates` samples of the frozen initial model, drawn the first time the prompt is
+  picked and kept: a reward-curated start set, as the paper fine-tunes on a curated dataset. The RLHF variant
+  samples from the current policy, as the paper does.
+* The path walks a grid of `num_steps` steps with stride 1000 // num_steps (paper code: 25, stride 40) from a
+  start t ~ U{0..999} with M = min(m, 1 + t // stride), as the released code places it; start images are sampled
+  with `start_steps` steps (code: 25; None = the cell's K, the few-step model's own samples). Steps
   go through stock diffusers schedulers via `methods.sampling.transition`, one scalar timestep per call.
   The official scripts pass a vector of timesteps to DDIMScheduler.step, which that scheduler does not
   accept.
@@ -34,6 +37,7 @@ Harness choices (not in the paper, which trains SDXL on image datasets):
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,6 +48,7 @@ import torch.nn.functional as F
 from methods import sampling
 from methods.common import (
     Budget,
+    Deviation,
     Task,
     Tracker,
     build_optimizer,
@@ -57,6 +62,8 @@ from methods.common import (
 from methods.common import generator as make_generator
 from methods.preference_data import add_noise as vp_add_noise
 from methods.preference_data import alphas_cumprod, denoising_target
+
+log = logging.getLogger(__name__)
 
 KERNEL = "ddim"
 """The path and the start images use deterministic DDIM (eta = 0), as the paper. Its latents live in the VP
@@ -75,7 +82,12 @@ class Config:
     trajectory_steps: int = 3
     """m: denoising steps per path (paper: 3; `trajectory_nums`)"""
     num_steps: int | None = 25
-    """grid the path walks (stride 1000 // num_steps) and step count of the generated start images (paper code: 25); None = task.train_steps"""
+    """grid the path walks (stride 1000 // num_steps; paper code: 25, stride 40); None = task.train_steps"""
+    start_steps: int | None = 25
+    """sampler steps of the generated start images (paper code: 25); None = task.train_steps (the model's own K-step samples)"""
+    sft_start_candidates: int = 4
+    """SFT without a dataset: a prompt's start image is the reward-best of this many initial-model samples, drawn once
+    and kept (a reward-curated start set, the stand-in for the paper's curated dataset); 1 = an unselected sample"""
     timestep_sampling: str = "uniform"
     """start timestep: "uniform" = t ~ U{0..999}, path length min(m, 1 + t // stride) (paper code); "grid" = a position of the num_steps grid where all m steps fit"""
     beta: float = 2500.0
@@ -126,8 +138,10 @@ class Config:
         # as Diffusion-DPO here) gave +0.019 (2.6 SE) / +0.013 (1.5 SE) on seeds 0 / 1 against +0.017 / 0.000 in
         # epsilon space; with n = 4 +0.014, at lr 3e-5 -0.006, at lr 5e-6 +0.012, beta 10000 +0.009, two-step paths
         # +0.007, the code's reference at the start timestep +0.017. No setting beat base by 3 SE.
-        "toy": dict(num_steps=None, timestep_sampling="grid", optimizer="adam", lr=1e-5, adam_beta1=0.9,
-                    adam_beta2=0.999, max_updates=None, reference_on_path=True, loss_space="native"),
+        # Since 2026-12-06 the toy preset places paths as the released code does (25-step grid, stride 40, start
+        # t ~ U{0..999}, M = min(3, 1 + t // 40)); start images are the cell's K-step samples (start_steps=None).
+        "toy": dict(start_steps=None, optimizer="adam", lr=1e-5, adam_beta1=0.9, adam_beta2=0.999, max_updates=None,
+                    reference_on_path=True, loss_space="native"),
     }
 
     def __post_init__(self):
@@ -135,8 +149,8 @@ class Config:
         check_choice("timestep_sampling", self.timestep_sampling, ("uniform", "grid"))
         check_choice("loss_space", self.loss_space, ("epsilon", "native"))
         check_choice("optimizer", self.optimizer, ("adamw", "adam", "sgd"))
-        check_positive(self, "num_samples", "trajectory_steps", "num_steps", "batch_size", "beta", "lora_rank",
-                       "max_updates")
+        check_positive(self, "num_samples", "trajectory_steps", "num_steps", "start_steps", "sft_start_candidates",
+                       "batch_size", "beta", "lora_rank", "max_updates")
         check_positive(self, "lr", "weight_decay", "max_grad_norm", allow_zero=True)
         if self.dataset and self.variant != "sft":
             raise ValueError(f"dataset is read by the sft variant only; got variant={self.variant!r}")
@@ -255,6 +269,24 @@ class SharpeningMethod:
 
     name: ClassVar[str] = "sharpening"
     Config = Config
+    paper: ClassVar[str] = "Tian et al., Diffusion-Sharpening: Fine-tuning Diffusion Models with Denoising Trajectory Sharpening, arXiv 2502.12146"
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("toy recipe: the loss in the model's native (v) parameterisation (paper: eps-MSE)", "the toy "
+                  "predicts v: in eps space a path step at t = 999 has weight abar = 2.4e-9; identical on eps models",
+                  "methods/sharpening.py Config.loss_space"),
+        Deviation("toy recipe: the reference loss averaged over the same M path steps (code: at the start t only)",
+                  "so that logits = 0 at theta = theta_ref (spec §4.4 flags the mismatch)",
+                  "methods/sharpening.py Config.reference_on_path"),
+        Deviation("toy recipe: start images are the cell's K-step samples (code: 25 DDIM steps)", "the few-step "
+                  "model's own outputs, at a fraction of the NFEs; paths keep the code's 25-step grid",
+                  "methods/sharpening.py Config.start_steps"),
+        Deviation("toy recipe: Adam lr 1e-5, betas (0.9, 0.999), full fine-tune (paper: AdamW 1e-6, betas (0, 0.99))",
+                  "toy-recipes.md's optimizer; the paper's betas measured +0.009 vs +0.017", "methods/sharpening.py "
+                  "Config.presets['toy']"),
+        Deviation("no CFG in the path; scalar DDIM steps through stock diffusers (code: a private vector-t scheduler)",
+                  "the released scripts' stock DDIMScheduler.step does not accept a timestep vector",
+                  "methods/sharpening.py _prompt_terms"),
+    )
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else Config()
@@ -280,28 +312,31 @@ class SharpeningMethod:
         return [(t - stride * m, t - stride * (m + 1) if t - stride * (m + 1) >= 0 else -1) for m in range(length)]
 
     def generated_images(self) -> int:
-        """Start images generated per prompt: n for RLHF (from the current policy), 1 for SFT (a reference-model
-        sample), 0 for SFT on a dataset."""
+        """Start images generated per prompt at most: n for RLHF (from the current policy), sft_start_candidates for
+        SFT (initial-model samples, only the first time a prompt is picked), 0 for SFT on a dataset."""
         cfg = self.config
-        return cfg.num_samples if cfg.variant == "rlhf" else (0 if cfg.dataset else 1)
+        return cfg.num_samples if cfg.variant == "rlhf" else (0 if cfg.dataset else cfg.sft_start_candidates)
 
-    def prompt_cost(self, path_length: int, num_steps: int, nfe_per_predict: int) -> dict[str, int]:
-        """Exact cost of one prompt. Sample NFEs: generating the start image(s) (1 for SFT, n for RLHF) plus,
-        for RLHF, the reference's forwards (n, or n * M with reference_on_path). Grad NFEs: n * M path
-        forwards with gradient. Reward calls: n * M, one per path step and copy."""
+    def prompt_cost(self, path_length: int, start_steps: int, nfe_per_predict: int) -> dict[str, int]:
+        """Cost of one prompt (the most it can be: SFT's start set is drawn once per prompt). Sample NFEs: generating
+        the start image(s) at start_steps (n for RLHF, sft_start_candidates for SFT) plus, for RLHF, the reference's
+        forwards (n, or n * M with reference_on_path). Grad NFEs: n * M path forwards with gradient. Reward calls:
+        n * M, one per path step and copy, plus SFT's start candidates."""
         cfg = self.config
         n = cfg.num_samples
         generated = self.generated_images()
         reference = 0 if cfg.variant == "sft" else n * (path_length if cfg.reference_on_path else 1)
-        return {"sample_nfe": sample_nfe(generated, num_steps, nfe_per_predict) + reference * nfe_per_predict,
+        selection = generated if cfg.variant == "sft" and generated > 1 else 0
+        return {"sample_nfe": sample_nfe(generated, start_steps, nfe_per_predict) + reference * nfe_per_predict,
                 "grad_nfe": n * path_length * nfe_per_predict,
-                "reward_calls": n * path_length}
+                "reward_calls": n * path_length + selection}
 
     # -- one prompt ---------------------------------------------------------------------------------
     def _prompt_terms(self, policy, reward, prompt: str, num_steps: int, path: list[tuple[int, int]],
-                      gen: torch.Generator, budget: Budget, dataset=None) -> dict[str, torch.Tensor]:
+                      gen: torch.Generator, budget: Budget, dataset=None, start_set=None) -> dict[str, torch.Tensor]:
         """Per copy k (each (n,)): the path reward R^k, the policy's denoising loss l^k (with gradient) and,
-        for RLHF, the reference's l_ref^k. dataset: (OfflineDatasetPairs, generator) of the SFT start images."""
+        for RLHF, the reference's l_ref^k. num_steps: the start images' sampler steps. dataset: (OfflineDatasetPairs,
+        generator) of the SFT start images; else start_set: {prompt: x0} of SFT's reward-selected start images."""
         cfg = self.config
         n, npp = cfg.num_samples, int(policy.nfe_per_predict)
         scheduler = policy.scheduler_for(KERNEL)
@@ -316,19 +351,30 @@ class SharpeningMethod:
                 image = data.targets_for([prompt], data_gen).to(policy.device)
                 x0 = policy.encode_images(image).float().expand(n, *policy.latent_shape)
             elif cfg.variant == "sft":
-                # Stand-in for the paper's dataset image: a sample of the frozen reference model.
-                image_noise = torch.randn((1, *policy.latent_shape), generator=gen, device=gen.device)
-                with policy.reference():
-                    start = sampling.sample(policy, None, num_steps, cond=cond.select([0]),
-                                            noise=image_noise.to(policy.device), kernel=KERNEL, eta=0.0,
-                                            record=False, decode=False)
-                x0 = start.final_latents.expand(n, *policy.latent_shape)
+                # Stand-in for the paper's curated dataset image: the reward-best of c initial-model samples, drawn
+                # the first time the prompt is picked and kept for the run.
+                if prompt not in start_set:
+                    c = cfg.sft_start_candidates
+                    image_noise = torch.randn((c, *policy.latent_shape), generator=gen, device=gen.device)
+                    with policy.reference():
+                        start = sampling.sample(policy, None, num_steps, cond=cond.select([0] * c),
+                                                noise=image_noise.to(policy.device), kernel=KERNEL, eta=0.0,
+                                                record=False, decode=False)
+                    budget.spend(sample_nfe=sample_nfe(c, num_steps, npp))
+                    best = 0
+                    if c > 1:
+                        images = policy.decode(start.final_latents)
+                        scores = torch.as_tensor(reward(images, [prompt] * c)).detach().float().reshape(-1)
+                        budget.spend(reward_calls=c)
+                        best = int(scores.argmax())
+                    start_set[prompt] = start.final_latents[best:best + 1]
+                x0 = start_set[prompt].expand(n, *policy.latent_shape)
             else:
                 # RLHF: n images from the current policy, each later re-noised with its own initial noise eps_k.
                 start = sampling.sample(policy, None, num_steps, cond=cond, noise=noise, kernel=KERNEL, eta=0.0,
                                         record=False, decode=False)
                 x0 = start.final_latents
-        budget.spend(sample_nfe=sample_nfe(self.generated_images(), num_steps, npp))
+                budget.spend(sample_nfe=sample_nfe(n, num_steps, npp))
         x = add_noise(scheduler, x0, noise, path[0][0])
 
         # 2. The M-step deterministic path on the policy; the gradient flows through the chain.
@@ -365,6 +411,8 @@ class SharpeningMethod:
     def train(self, policy, task: Task, budget: Budget, tracker: Tracker) -> None:
         cfg = self.config
         num_steps, npp = int(cfg.num_steps or task.train_steps), int(policy.nfe_per_predict)
+        start_steps = int(cfg.start_steps or task.train_steps)
+        start_set: dict[str, torch.Tensor] = {}
         params = [p for p in policy.trainable_parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)
         prompt_gen, path_gen = make_generator(task.seed), make_generator(task.seed + 1)
@@ -381,7 +429,7 @@ class SharpeningMethod:
                                  f"{missing[0]!r}; write one for the task's prompts (python -m tasks.toy.preferences)")
         # Under "uniform" sampling the path length is random, so an update starts only if it fits at the
         # longest length M = m: the run never overspends.
-        worst = self.prompt_cost(cfg.trajectory_steps, num_steps, npp)
+        worst = self.prompt_cost(cfg.trajectory_steps, start_steps, npp)
         update_nfe = cfg.batch_size * (worst["sample_nfe"] + worst["grad_nfe"])
         update_calls = cfg.batch_size * worst["reward_calls"]
         if budget.max_nfe is None and cfg.max_updates is None:
@@ -389,8 +437,9 @@ class SharpeningMethod:
         if budget.max_nfe is not None and update_nfe > budget.max_nfe:
             raise ValueError(f"the budget ({budget.max_nfe} NFEs) is smaller than one sharpening update "
                              f"({update_nfe} NFEs at the longest path); lower batch_size or num_samples")
-        print(f"sharpening ({cfg.variant}): grid of {num_steps} steps, n={cfg.num_samples}, m={cfg.trajectory_steps}, "
-              f"{cfg.batch_size} prompts/update, at most {update_nfe} NFEs and {update_calls} reward calls per update")
+        log.info("sharpening (%s): paths on a %d-step grid, start images of %d steps, n=%d, m=%d, %d prompts/update, "
+                 "at most %d NFEs and %d reward calls per update", cfg.variant, num_steps, start_steps, cfg.num_samples,
+                 cfg.trajectory_steps, cfg.batch_size, update_nfe, update_calls)
 
         max_updates = cfg.max_updates if cfg.max_updates is not None else float("inf")
         updates = 0
@@ -404,8 +453,8 @@ class SharpeningMethod:
                 for prompt in (task.prompts[i] for i in picks):
                     # One prompt per forward/backward (the paper code's batch of 1): its n copies share t.
                     path = self.path_timesteps(scheduler, num_steps, path_gen)
-                    terms = self._prompt_terms(policy, task.reward, prompt, num_steps, path, noise_gen, budget,
-                                               dataset)
+                    terms = self._prompt_terms(policy, task.reward, prompt, start_steps, path, noise_gen, budget,
+                                               dataset, start_set)
                     ref_losses = terms.get("ref_losses")
                     value, info = loss(cfg.variant, terms["model_losses"][None], terms["rewards"][None],
                                        None if ref_losses is None else ref_losses[None], cfg.beta)
@@ -456,3 +505,9 @@ class SharpeningSFTMethod(SharpeningMethod):
 
     name: ClassVar[str] = "sharpening_sft"
     Config = SFTConfig
+    deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("without a dataset, a prompt's start image is the reward-best of 4 initial-model samples, drawn "
+                  "once and kept (paper: a curated image dataset)", "the task gives prompts, not images; a "
+                  "reward-curated start set is the nearest stand-in", "methods/sharpening.py Config.sft_start_candidates"),
+        SharpeningMethod.deviations[2], SharpeningMethod.deviations[3], SharpeningMethod.deviations[4],
+    )

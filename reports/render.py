@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import io
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -560,6 +561,23 @@ def failed_cells(results: Results, max_chars: int = 1500) -> list[dict]:
     return out
 
 
+def row_vs_paper(results: Results) -> list[dict]:
+    """The "row vs paper" table from the runs' `paper` / `paper_deviations` tags (written by bench.cell from each
+    method's Deviation records; the README's table is the same data): per method of the report, the newest run's."""
+    runs = results.runs
+    if "tags.paper_deviations" not in runs.columns:
+        return []
+    runs = runs[runs["tags.paper_deviations"].map(text) != ""]
+    if "start_time" in runs.columns:
+        runs = runs.sort_values("start_time")
+    out = []
+    for method, run in runs.groupby("method").tail(1).set_index("method").sort_index().iterrows():
+        paper = text(run.get("tags.paper", ""))
+        for what, why, where in json.loads(text(run["tags.paper_deviations"])):
+            out.append(dict(method=method, paper=paper, deviation=what, reason=why, file=where))
+    return out
+
+
 def failed_methods(results: Results, experiment: str, model: str, reward: str) -> dict[str, int]:
     runs = results.runs
     bad = runs[(runs["experiment"] == experiment) & (runs["model"] == model) & (runs["reward"] == reward)
@@ -688,6 +706,7 @@ def build_context(results: Results, *, n_boot: int = stats.N_BOOT, seed: int = 0
         n_runs=len(runs), status=status, n_images=int(len(scores[["run_id", "S", "sample_idx"]].drop_duplicates()))
         if len(scores) else 0, groups=groups, claims=decide_claims([c for g in groups for c in g["claims"]]),
         failed=failed_cells(results), provenance=provenance(results), problems=problems,
+        deviations=row_vs_paper(results),
         n_boot=n_boot, seed=seed, level=int(round(100 * stats.LEVEL)),
     )
 

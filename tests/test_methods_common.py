@@ -289,3 +289,14 @@ def test_checkpoint_refuses_mismatched_config(tmp_path):
     path = save_checkpoint(tmp_path / "s.pt", policy=policy, optimizer=None, step=1, config=_Cfg(lr=0.1))
     with pytest.raises(ValueError, match="lr: saved 0.1 vs now 0.2"):
         load_checkpoint(path, policy=policy, optimizer=None, config=_Cfg(lr=0.2))
+
+
+def test_readme_row_vs_paper_table_is_the_methods_records():
+    """The README's "row vs paper" table is `methods.deviations_markdown()` verbatim, between its markers."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- row-vs-paper:start -->\n", "\n<!-- row-vs-paper:end -->"
+    assert start in readme and end in readme
+    table = readme[readme.index(start) + len(start):readme.index(end)]
+    assert table == methods.deviations_markdown(), "regenerate the README table from methods.deviations_markdown()"

@@ -129,7 +129,6 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("argv, message", BAD_VALUES)
 def test_bad_value_refused_in_one_line_before_anything_loads(argv, message, tmp_path, monkeypatch, capsys):
-    import sys
 
     from bench import run as bench_run
 

@@ -519,3 +519,30 @@ def test_a_stand_in_report_says_it_is_not_a_result_on_every_page_and_tolerates_m
     real = build_context(load(write_store(tmp_path / "real", template=template, failed=False,
                                           cells={"base": CELLS["base"]})[0]), n_boot=100)
     assert note not in render_html(real)
+
+
+def test_row_vs_paper_section_reads_the_runs_deviation_tags(grid):
+    """bench.cell tags every run with its method's Deviation records; the report lists the newest run's per method."""
+    import json
+    import types
+
+    import pandas as pd
+
+    import methods
+    from bench.cell import paper_tags
+    from reports import render
+
+    tags = paper_tags("sdpo_t_eq_k")
+    rows = json.loads(tags["paper_deviations"])
+    first = methods.method_class("sdpo_t_eq_k").deviations[0]
+    assert rows[0] == [first.what, first.why, first.where] and "arXiv 2411.11727" in tags["paper"]
+    old = json.dumps([["an older record", "", "x.py"]])
+    runs = pd.DataFrame({"method": ["sdpo_t_eq_k", "sdpo_t_eq_k", "base"], "start_time": [1, 2, 3],
+                         "tags.paper": [tags["paper"]] * 2 + ["the untrained base model"],
+                         "tags.paper_deviations": [old, tags["paper_deviations"], "[]"]})
+    table = render.row_vs_paper(types.SimpleNamespace(runs=runs))
+    assert [r["deviation"] for r in table] == [r[0] for r in rows]
+    assert {r["method"] for r in table} == {"sdpo_t_eq_k"} and table[0]["file"] == rows[0][2]
+    html = render_html({**grid["context"], "deviations": table})
+    assert 'id="paper"' in html and "training trajectories of T = K steps" in html
+    assert "The runs carry no row-vs-paper record" in render_html({**grid["context"], "deviations": []})

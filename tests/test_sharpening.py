@@ -177,9 +177,10 @@ PROMPTS = ["a red circle", "two blue squares", "three green triangles"]
 def test_smoke_train_changes_adapters_and_counts_exactly(variant, reference_on_path):
     policy = tiny_policy_16px()
     n, m, N, prompts_per_update = 2, 2, 4, 2
-    config = Config(variant=variant, num_samples=n, trajectory_steps=m, num_steps=N, timestep_sampling="grid",
-                    reference_on_path=reference_on_path, batch_size=prompts_per_update, lr=1e-2,
-                    optimizer="adam", adam_beta1=0.9, max_updates=None)
+    config = Config(variant=variant, num_samples=n, trajectory_steps=m, num_steps=N, start_steps=N,
+                    timestep_sampling="grid", reference_on_path=reference_on_path, batch_size=prompts_per_update,
+                    lr=1e-2, optimizer="adam", adam_beta1=0.9, max_updates=2 if variant == "sft" else None,
+                    sft_start_candidates=1)
     # Hand count per prompt (grid sampling: every path has M = m steps; no CFG so 1 NFE per forward):
     generated = N * (n if variant == "rlhf" else 1)             # start images at N steps
     reference = 0 if variant == "sft" else n * (m if reference_on_path else 1)
@@ -193,15 +194,69 @@ def test_smoke_train_changes_adapters_and_counts_exactly(variant, reference_on_p
     SharpeningMethod(config).train(policy, Task(prompts=PROMPTS, reward=reward, train_steps=N, seed=0), budget, tracker)
 
     prompts_seen = 2 * prompts_per_update
-    assert budget.sample_nfe == prompts_seen * per_prompt["sample"]
+    if variant == "sft":  # SFT's start image is drawn once per distinct prompt (replay the method's prompt picks)
+        from methods.common import generator
+
+        g = generator(0)
+        picks = [torch.randint(len(PROMPTS), (prompts_per_update,), generator=g).tolist() for _ in range(2)]
+        firsts = [len(set(picks[0])), len(set(picks[0] + picks[1])) - len(set(picks[0]))]
+        assert budget.sample_nfe == N * sum(firsts) < prompts_seen * per_prompt["sample"]
+        steps = [firsts[0] * N + per_update - prompts_per_update * N, None]
+        steps[1] = steps[0] + firsts[1] * N + per_update - prompts_per_update * N
+    else:
+        assert budget.sample_nfe == prompts_seen * per_prompt["sample"]
+        steps = [per_update, 2 * per_update]
     assert budget.grad_nfe == prompts_seen * per_prompt["grad"]
     assert budget.reward_calls == prompts_seen * per_prompt["reward"] == reward.images
     assert forwards["samples"] == budget.total_nfe
     after = policy.adapter_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert tracker.steps("train/loss") == [per_update, 2 * per_update]
+    assert tracker.steps("train/loss") == steps
     assert tracker.series("train/path_length") == [float(m)] * 2
     assert all(torch.isfinite(torch.tensor(v)) for _, rec in tracker.records for v in rec.values())
+
+
+def test_sft_start_image_is_the_reward_best_of_its_candidates_drawn_once():
+    """SFT without a dataset: a prompt's start image is the reward-best of sft_start_candidates initial-model samples
+    (c x start_steps NFEs and c reward calls the first time), then reused with no further sampling."""
+    policy = tiny_policy_16px()
+    c, start_steps = 3, 2
+    method = SharpeningMethod(Config(variant="sft", num_samples=2, trajectory_steps=1, num_steps=4,
+                                     start_steps=start_steps, sft_start_candidates=c, timestep_sampling="grid"))
+    seen = []
+
+    def reward(images, prompts):
+        seen.append(images.detach().clone())
+        return images.float().mean(dim=(1, 2, 3))
+
+    start_set, budget, gen = {}, Budget(None), torch.Generator().manual_seed(0)
+    path = method.path_timesteps(policy.scheduler_for("ddim"), 4, gen)
+    method._prompt_terms(policy, reward, "a red circle", start_steps, path, gen, budget, None, start_set)
+    candidates = seen[0]
+    assert candidates.shape[0] == c
+    best = int(candidates.mean(dim=(1, 2, 3)).argmax())
+    assert torch.allclose(policy.decode(start_set["a red circle"])[0], candidates[best])
+    assert budget.sample_nfe == c * start_steps and budget.reward_calls == c + 2 * len(path)
+    method._prompt_terms(policy, reward, "a red circle", start_steps, path, gen, budget, None, start_set)
+    assert budget.sample_nfe == c * start_steps and budget.reward_calls == c + 2 * 2 * len(path)
+    assert method.prompt_cost(1, start_steps, 1) == {"sample_nfe": c * start_steps, "grad_nfe": 2, "reward_calls": 2 + c}
+
+
+def test_toy_preset_places_paths_as_the_released_code():
+    """The toy recipe's paths: a 25-step grid (stride 40), a start t ~ U{0..999}, M = min(3, 1 + t // 40)."""
+    cfg = methods.make_config("sharpening", "toy")
+    assert (cfg.num_steps, cfg.timestep_sampling, cfg.trajectory_steps) == (25, "uniform", 3)
+    assert methods.make_config("sharpening_sft", "toy").num_steps == 25
+    method = SharpeningMethod(cfg)
+    gen = torch.Generator().manual_seed(0)
+    scheduler = tiny_policy_16px().scheduler_for("ddim")
+    starts = []
+    for _ in range(200):
+        path = method.path_timesteps(scheduler, 25, gen)
+        t = path[0][0]
+        starts.append(t)
+        assert len(path) == min(3, 1 + t // 40) and [s for s, _ in path] == [t - 40 * i for i in range(len(path))]
+    assert min(starts) < 250 and max(starts) > 750  # uniform over the schedule, not the K-step grid
 
 
 def test_sft_on_dataset_images_generates_nothing_and_denoises_the_dataset_image(tmp_path, monkeypatch):
@@ -233,7 +288,7 @@ def test_sft_on_dataset_images_generates_nothing_and_denoises_the_dataset_image(
 
 def test_uniform_sampling_never_overspends():
     policy = tiny_policy_16px()
-    config = Config(num_samples=2, trajectory_steps=3, num_steps=4, batch_size=1, max_updates=None)
+    config = Config(num_samples=2, trajectory_steps=3, num_steps=4, start_steps=4, batch_size=1, max_updates=None)
     worst = SharpeningMethod(config).prompt_cost(3, 4, 1)
     budget = Budget(max_nfe=3 * (worst["sample_nfe"] + worst["grad_nfe"]))
     tracker = NullTracker()
