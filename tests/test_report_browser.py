@@ -160,6 +160,6 @@ def test_report_opens_without_console_errors_and_screenshots(tmp_path):
     assert errors == []
     assert facts["images"] > 10 and facts["broken"] == 0
     assert facts["width"] <= 1280  # no horizontal overflow at a laptop width
-    assert facts["h2"][-3:] == ["Claims", "Failed cells", "Provenance"]
+    assert facts["h2"][-4:] == ["Claims", "Row vs paper", "Failed cells", "Provenance"]
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
     (out / "screenshot.png").write_bytes(png)  # kept beside the report for a person to look at
