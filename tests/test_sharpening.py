@@ -267,7 +267,9 @@ def test_sft_on_dataset_images_generates_nothing_and_denoises_the_dataset_image(
     policy = tiny_policy_16px()
     out = tmp_path / "prefs"
     preferences.main([str(out), "--pairs-per-prompt", "2", "--split", "train"])
-    prompts = ["a red circle", "two blue squares"]
+    from tasks import prompts as prompt_sets
+
+    prompts = prompt_sets.load("toy").train[:2]  # the dataset covers the train split, whatever the world holds
     config = Config(variant="sft", num_samples=2, trajectory_steps=2, num_steps=4, timestep_sampling="grid",
                     batch_size=2, lr=1e-2, optimizer="adam", max_updates=None, dataset=str(out))
     method = SharpeningMethod(config)
