@@ -142,6 +142,7 @@ def test_bad_value_refused_in_one_line_before_anything_loads(argv, message, tmp_
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns/, no Hydra outputs/
 
 
+@pytest.mark.slow
 def test_missing_weights_fail_fast_in_a_subprocess_with_no_run(tmp_path):
     import subprocess
     import sys
@@ -279,6 +280,7 @@ _CREATE = ("import sys; from bench.tracking import Store; s = Store(sys.argv[1])
            "flush=True)")
 
 
+@pytest.mark.slow
 def test_kill_during_store_creation_then_a_run_succeeds(tmp_path):
     import signal
     import subprocess
@@ -305,6 +307,7 @@ def test_kill_during_store_creation_then_a_run_succeeds(tmp_path):
     assert not list(tmp_path.glob("mlflow.db.creating-*"))  # the killed creator's leftover is cleaned
 
 
+@pytest.mark.slow
 def test_two_processes_create_one_fresh_store(tmp_path):
     import subprocess
     import sys
@@ -430,6 +433,7 @@ def test_the_heartbeat_keeps_a_long_cell_claimed(tmp_path):
 _GRID_SEEDS = "0,1,2,3,4,5"
 
 
+@pytest.mark.slow
 def test_two_hosts_on_one_store_run_no_cell_twice(tiny_toy, tmp_path):
     """Two `bench.run` processes as two machines (different STEPBENCH_HOST_ID, so they share no lock file, only
     the store) start the same 6-cell grid at once: every cell FINISHED exactly once."""

@@ -98,6 +98,7 @@ def test_flop_constants_match_a_count_of_the_real_unet_config():
     assert counted["vae_decode"] == pytest.approx(planner.VAE_DECODE_TFLOP["sd-turbo"], rel=2e-3)
 
 
+@pytest.mark.slow
 def test_real_grid_without_gpu_or_weights_stops_within_seconds(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
