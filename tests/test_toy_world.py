@@ -78,6 +78,24 @@ def test_text_encoder_binds_word_order():
     assert not torch.allclose(a, b)
 
 
+def test_measure_splits_scores_test_val_and_hard_test_with_their_sample_counts():
+    torch.manual_seed(0)
+    pipe = ToyPipeline(build_unet((8, 16, 16)), ToyTextEncoder(width=16, out_dim=32), build_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    original = train.measure
+    try:
+        train.measure = lambda p, steps, n, **kw: calls.append((list(steps), n, kw["prompts"])) or original(p, steps, n, **kw)
+        out = train._measure_splits(pipe, [1], 8, 0.0, False, test_only=[2])
+    finally:
+        train.measure = original
+    assert calls == [([1, 2], 8, world.all_prompts("test")), ([1], 4, world.all_prompts("val")),
+                     ([1], 4, world.all_prompts("test", hard=True))]
+    assert list(out["rewards"]) == ["1", "2"] and list(out["rewards_val"]) == ["1"] == list(out["rewards_hard"])
+    assert out["splits"]["rewards_val"] == f"toy/val: {len(world.all_prompts('val'))} prompts, n=4"
+    assert set(out["rewards"]["1"]) == set(verify.KEYS)
+
+
 def test_base_recipe_loss_falls_in_a_few_steps():
     """40 steps of the real recipe already beat the untrained network on a held-out denoising batch."""
     recipe = train.BaseRecipe(steps=40, batch_size=16, lr=2e-3, warmup=5, channels=(16, 32, 32))

@@ -236,6 +236,25 @@ def measure(pipe: ToyPipeline, steps: list[int], n: int = 1024, guidance: float 
     return table
 
 
+# measured.json key -> (prompt split, hard, share of n): `rewards` is the test split the README quotes
+MEASURED_SPLITS = {"rewards": ("test", False, 1.0), "rewards_val": ("val", False, 0.5),
+                   "rewards_hard": ("test", True, 0.5)}
+
+
+def _measure_splits(pipe: ToyPipeline, steps: list[int], n: int, guidance: float, progress: bool,
+                    test_only: list[int] = ()) -> dict:
+    """Rewards per split at `steps`; `test_only` step counts (the base's 50, the expensive ones) on the test split
+    alone. The test split gets n samples per step count, the others n/2 (they are not quoted)."""
+    out = {"splits": {}}
+    for key, (split, hard, share) in MEASURED_SPLITS.items():
+        prompts = world.all_prompts(split, hard=hard)
+        count = int(n * share)
+        out["splits"][key] = f"toy{'-hard' if hard else ''}/{split}: {len(prompts)} prompts, n={count}"
+        at = [*steps, *test_only] if key == "rewards" else steps
+        out[key] = measure(pipe, at, count, guidance=guidance, prompts=prompts, progress=progress)
+    return out
+
+
 def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None = None, n_measure: int = 1024,
           progress: bool = True, checkpoints: Path | None = None) -> dict:
     """Train `toy-base` (and `toy-turbo` from it), save both with their recipe and measured rewards."""
@@ -256,10 +275,7 @@ def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None =
     if not (base_dir / "measured.json").exists():
         entry = report.setdefault("toy-base", {})
         entry.update({"recipe": asdict(recipe.base), "guidance": BASE_GUIDANCE, "n": n_measure,
-                      "rewards": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=BASE_GUIDANCE,
-                                         progress=progress),
-                      "rewards_hard": measure(base, [1, 2, 4, 8, 50], n_measure, guidance=BASE_GUIDANCE,
-                                              prompts=world.all_prompts("test", hard=True), progress=progress)})
+                      **_measure_splits(base, [1, 2, 4, 8], n_measure, BASE_GUIDANCE, progress, test_only=[50])})
         (base_dir / "measured.json").write_text(json.dumps(entry, indent=2))
     if which == "toy-turbo":
         t1 = time.time()
@@ -267,10 +283,8 @@ def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None =
         turbo_dir = Path(out) / "toy-turbo"
         turbo.save_pretrained(turbo_dir)
         report["toy-turbo"] = {"seconds": round(time.time() - t1, 1), "recipe": asdict(recipe.turbo),
-                               "rewards": measure(turbo, [1, 2, 4, 8], n_measure, progress=progress),
-                               "rewards_hard": measure(turbo, [1, 2, 4, 8], n_measure, progress=progress,
-                                                       prompts=world.all_prompts("test", hard=True)),
-                               "guidance": 0.0, "n": n_measure}
+                               "guidance": 0.0, "n": n_measure,
+                               **_measure_splits(turbo, [1, 2, 4, 8], n_measure, 0.0, progress)}
         (turbo_dir / "measured.json").write_text(json.dumps(report["toy-turbo"], indent=2))
     for folder in (base_dir, Path(out) / "toy-turbo"):
         if (folder / "model_index.json").is_file():
