@@ -11,20 +11,27 @@ from tasks.toy.pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, bui
 def test_prompt_grammar_round_trips_and_splits_are_disjoint():
     for hard in (False, True):
         prompts = world.all_prompts("all", hard=hard)
-        assert len(prompts) == len(set(prompts)) == (90 if hard else 54)
+        assert len(prompts) == len(set(prompts)) == (168 if hard else 96)
         for p in prompts:
             assert world.prompt_text(world.parse_prompt(p)) == p
         train_, val, test = (world.all_prompts(split, hard=hard) for split in ("train", "val", "test"))
         assert not set(train_) & set(val) and not set(train_) & set(test) and not set(val) & set(test)
         assert sorted(train_ + val + test) == sorted(prompts)
-        assert (len(train_), len(val), len(test)) == ((45, 15, 30) if hard else (31, 10, 13))
-    # the base model never sees the test two-object compositions
-    assert not set(world.pretraining_prompts()) & set(world.all_prompts("test", hard=True))
+        assert (len(train_), len(val), len(test)) == ((84, 28, 56) if hard else (32, 16, 48))
+        if not hard:  # every colour, shape and count appears in every split
+            for split in (train_, val, test):
+                items = [world.parse_prompt(p)[0] for p in split]
+                assert {it.color for it in items} == set(world.COLORS) and {it.shape for it in items} == set(world.SHAPES)
+                assert {it.count for it in items} == set(world.COUNT_WORDS)
+    # the base model never sees the validation or test two-object compositions
+    pretraining = set(world.pretraining_prompts())
+    assert not pretraining & set(world.all_prompts("test", hard=True) + world.all_prompts("val", hard=True))
+    assert set(world.all_prompts("all")) <= pretraining
     with pytest.raises(ValueError, match="unknown split 'eval'; available: all, train, val, test"):
         world.all_prompts("eval")
 
 
-@pytest.mark.parametrize("bad", ["a purple circle", "four red squares", "two red square", "a red circle and two blue squares"])
+@pytest.mark.parametrize("bad", ["a purple circle", "five red squares", "four red square", "a red circle and two blue squares"])
 def test_parse_rejects_prompts_outside_the_grammar(bad):
     with pytest.raises(ValueError, match="not a toy-world prompt"):
         world.parse_prompt(bad)
@@ -54,6 +61,26 @@ def test_blank_noise_and_wrong_images_score_low():
     assert wrong_color["shape"].mean() == 1 and wrong_color["count"].mean() == 1
     wrong_count = verify.score(drawn, ["three red circles"] * 8)
     assert wrong_count["count"].sum() == 0 and wrong_count["color"].mean() == 1
+    # the grown world's neighbours: orange sits between red and yellow, white beside every colour, four beside three
+    for drawn_prompt, asked in (("four orange squares", "four red squares"), ("four orange squares", "four yellow squares"),
+                                ("a white triangle", "a cyan triangle"), ("two yellow circles", "two white circles")):
+        images = torch.from_numpy(world.render_batch([drawn_prompt] * 8, rng))
+        right = verify.score(images, [drawn_prompt] * 8)
+        assert right["color"].mean() == 1 and right["count"].mean() == 1
+        wrong = verify.score(images, [asked] * 8)
+        assert wrong["color"].sum() == 0 and wrong["count"].mean() == 1, (drawn_prompt, asked)
+    four = torch.from_numpy(world.render_batch(["four blue triangles"] * 8, rng))
+    assert verify.score(four, ["three blue triangles"] * 8)["count"].sum() == 0
+
+
+def test_four_objects_never_overlap():
+    """Rejection sampling never falls back to an overlapping layout: four objects are four components."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    images = world.render_batch(["four white squares"] * 200, rng)
+    counts = [ndimage.label(image.max(axis=0) > verify.FOREGROUND)[1] for image in images]
+    assert counts == [4] * 200
 
 
 def test_pipeline_round_trips_through_save_and_from_pretrained(tmp_path):

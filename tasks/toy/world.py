@@ -1,7 +1,9 @@
 """Procedural world of coloured shapes on black, 32x32 RGB.
 
-Prompts name one kind of object ("a red circle", "three blue triangles") or, in the hard split, two
-single objects ("a red circle and a blue square"). Everything is seeded: the same rng gives the same image.
+Prompts name one kind of object ("a red circle", "four orange squares": 8 colours x 3 shapes x 1-4 objects)
+or, in the hard split, two single objects ("a red circle and a blue square"). Everything is seeded: the same
+rng gives the same image. Orange and white were added (with count 4) to grow the test split to 48 prompts:
+their chromaticities stay at least 0.23 from every other colour's, and the verifiers stay >= 99.8% right.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "yellow": (0.95, 0.88, 0.10),
     "magenta": (0.90, 0.12, 0.88),
     "cyan": (0.10, 0.85, 0.90),
+    "orange": (0.95, 0.42, 0.10),
+    "white": (0.92, 0.92, 0.92),
 }
 SHAPES = ("circle", "square", "triangle")
-COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 WORD_COUNTS = {v: k for k, v in COUNT_WORDS.items()}
 # Half-size of an object in pixels, by how many objects share the image.
-RADIUS = {1: (6.5, 9.0), 2: (5.0, 6.5), 3: (4.0, 5.0)}
+RADIUS = {1: (6.5, 9.0), 2: (5.0, 6.5), 3: (4.0, 5.0), 4: (3.8, 4.6)}
 GAP = 2.0  # pixels between bounding boxes: touching objects would merge into one component
-VOCAB = ["a", "two", "three", "and", *COLORS, *SHAPES, *(s + "s" for s in SHAPES)]
+_CANDIDATES = 64  # layouts drawn at once by the rejection sampler
+VOCAB = ["a", "two", "three", "four", "and", *COLORS, *SHAPES, *(s + "s" for s in SHAPES)]
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ def parse_prompt(text: str) -> list[Item]:
 
 
 def _single_prompts() -> list[str]:
-    return [prompt_text([Item(c, s, n)]) for n in (1, 2, 3) for c in COLORS for s in SHAPES]
+    return [prompt_text([Item(c, s, n)]) for n in COUNT_WORDS for c in COLORS for s in SHAPES]
 
 
 def _pair_prompts() -> list[str]:
@@ -79,32 +84,40 @@ def _pair_prompts() -> list[str]:
 SPLITS = ("train", "val", "test")
 
 
-def _split_of(index: int, hard: bool) -> str:
-    # test: every 4th single-object prompt, every 3rd composition; val: every 4th of the rest
-    every = 3 if hard else 4
-    if index % every == every - 1:
+def _split_of(index: int, prompt: str, hard: bool) -> str:
+    if hard:  # compositions: every 3rd is a test one, every 4th of the rest a validation one
+        if index % 3 == 2:
+            return "test"
+        return "val" if (index - index // 3) % 4 == 3 else "train"
+    # one kind of object, attribute indices (c, s, n): c + s + n even -> test (half); odd and c + s a
+    # multiple of 3 -> val (a sixth); the rest -> train (a third). Every colour, shape and count is in every split.
+    item = parse_prompt(prompt)[0]
+    c, s, n = list(COLORS).index(item.color), SHAPES.index(item.shape), item.count - 1
+    if (c + s + n) % 2 == 0:
         return "test"
-    return "val" if (index - index // every) % 4 == 3 else "train"
+    return "val" if (c + s) % 3 == 0 else "train"
 
 
 def all_prompts(split: str = "all", hard: bool = False) -> list[str]:
     """Prompt lists, disjoint splits "train" / "val" / "test" (or "all"), each in the grammar's order.
 
-    Single-object prompts (54): 31 train, 10 val, 13 test; the base model is pretrained on all of them
-    (alignment trains on "train", is tuned on "val" and measured on "test", prompts it never trained on).
-    Hard two-object prompts (90): 45 train, 15 val, 30 test; the test compositions are unseen by the base.
+    Single-object prompts (96 = 8 colours x 3 shapes x counts 1-4): 32 train, 16 val, 48 test, balanced
+    over colours, shapes and counts; the base model is pretrained on all of them (alignment trains on
+    "train", is tuned on "val" and measured on "test", all prompts alignment never trained on).
+    Hard two-object prompts (168 compositions): 84 train, 28 val, 56 test; the base model is pretrained on
+    the train compositions only, so val and test compositions are unseen by every model.
     """
     if split not in ("all", *SPLITS):
         raise ValueError(f"unknown split {split!r}; available: all, {', '.join(SPLITS)}")
     prompts = _pair_prompts() if hard else _single_prompts()
     if split == "all":
         return prompts
-    return [p for i, p in enumerate(prompts) if _split_of(i, hard) == split]
+    return [p for i, p in enumerate(prompts) if _split_of(i, p, hard) == split]
 
 
 def pretraining_prompts() -> list[str]:
-    """What `toy-base` learns from: every single-object prompt and the non-test two-object compositions."""
-    return all_prompts("all") + all_prompts("train", hard=True) + all_prompts("val", hard=True)
+    """What `toy-base` learns from: every single-object prompt and the training two-object compositions."""
+    return all_prompts("all") + all_prompts("train", hard=True)
 
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, grid: np.ndarray) -> np.ndarray:
@@ -123,23 +136,32 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, grid: np.ndarray) ->
 _GRID = np.mgrid[0 : SIZE * SUPERSAMPLE, 0 : SIZE * SUPERSAMPLE].astype(np.float32) / SUPERSAMPLE + 0.25
 
 
+def _placement(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Radii (n,) and centres (n, 2) of n objects whose bounding boxes stay GAP pixels apart.
+
+    Rejection sampling, vectorised over a block of candidate layouts (four objects need ~60 draws on
+    average); it never falls back to an overlapping layout, which would change the count.
+    """
+    lo, hi = RADIUS[n]
+    for _ in range(100):
+        radii = rng.uniform(lo, hi, size=(_CANDIDATES, n))
+        centres = rng.uniform(radii[..., None] + 1, SIZE - radii[..., None] - 1, size=(_CANDIDATES, n, 2))
+        dist = np.abs(centres[:, :, None] - centres[:, None])  # (C, n, n, 2)
+        need = (radii[:, :, None] + radii[:, None] + GAP)[..., None]  # (C, n, n, 1)
+        apart = (dist > need).any(axis=-1) | np.eye(n, dtype=bool)
+        ok = apart.all(axis=(1, 2))
+        if ok.any():
+            first = int(np.argmax(ok))
+            return radii[first], centres[first]
+    raise RuntimeError(f"no layout of {n} objects with radii {RADIUS[n]} found")
+
+
 def render(prompt: str, rng: np.random.Generator) -> np.ndarray:
     """An image (32, 32, 3) float32 in [0, 1] showing `prompt`, objects placed without overlap."""
     items = parse_prompt(prompt)
     objects = [(it.color, it.shape) for it in items for _ in range(it.count)]
-    n = len(objects)
-    lo, hi = RADIUS[min(n, 3)]
+    radii, centres = _placement(len(objects), rng)
     canvas = np.zeros((SIZE * SUPERSAMPLE, SIZE * SUPERSAMPLE, 3), np.float32)
-    for _ in range(200):
-        radii = rng.uniform(lo, hi, size=n)
-        centres = [rng.uniform(r + 1, SIZE - r - 1, size=2) for r in radii]
-        ok = all(
-            np.any(np.abs(centres[i] - centres[j]) > radii[i] + radii[j] + GAP)
-            for i in range(n)
-            for j in range(i)
-        )
-        if ok:
-            break
     for (color, shape), r, (cx, cy) in zip(objects, radii, centres):
         mask = _shape_mask(shape, cx, cy, r, _GRID)
         canvas[mask] = COLORS[color]
