@@ -167,7 +167,8 @@ class Config:
         # rows differ in the algorithm only; 16 groups x G = 16 = 256 trajectories an epoch as DDPO's 32 x 8 (the toy
         # set has 31 training prompts, and a group needs its own prompt). Probes (K = 4, 20k NFEs, gain in toy-all at
         # S = 4 over base on the validation split, n = 1,024 paired samples, seed 0) are listed below.
-        # 2026-12-06, base 0.713 on the 10 validation prompts (eval noise seed 1234), one probe at a time on a
+        # 2026-12-06, toy-turbo weights before the world rebuild 2de9a2a (31 train / 10 val prompts), base 0.713 on
+        # the 10 validation prompts (eval noise seed 1234), one probe at a time on a
         # shared box:
         # - this preset (CPS eta 0.8, kl_beta 0.01, 7 epochs): +0.017 (SE 0.012, 1.3 SE);
         # - noise_rule="ddim", eta 1 (DDPO's step): +0.021 (SE 0.012, 1.8 SE);

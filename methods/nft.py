@@ -164,7 +164,8 @@ class Config:
         # Toy world: GRPO's toy batch shape (16 groups x G = 16, micro-batches of 16, an update each, Adam 3e-5, full
         # fine-tune). Probes (K = 4, 20k NFEs, gain in toy-all at S = 4 over base on the validation split, n = 1,024
         # paired samples, seed 0) are listed below.
-        # 2026-12-06, base 0.713 on the 10 validation prompts (eval noise seed 1234):
+        # 2026-12-06, toy-turbo weights before the world rebuild 2de9a2a (31 train / 10 val prompts), base 0.713 on
+        # the 10 validation prompts (eval noise seed 1234):
         # - this preset (beta 1, kl_beta 1e-4, decay_type 1, 4 epochs): +0.028 (SE 0.009, 3.3 SE) on training seed 0,
         #   +0.027 (SE 0.009, 3.0 SE) on training seed 1.
         "toy": dict(group_size=16, groups_per_epoch=16, sample_batch_size=64, train_batch_size=16,
