@@ -116,10 +116,12 @@ def _check_finite(policy) -> None:
 
 
 def _gain_over_base(cfg: dict, run: tracking.CellRun, scores) -> dict[str, float]:
-    """Paired gain over the base cell at each (reward, S): mean and standard error of value - base value over the
-    same (prompt, initial noise) samples (design.md: differences between methods are paired). {} without a
-    finished base run of the same eval settings."""
+    """Paired gain over the base cell at each (split, reward, S): bench.evaluate.gains_over_base against the base
+    run's scores (design.md: differences between methods are paired). {} without a finished base run of the same
+    eval settings."""
     import pandas as pd
+
+    from bench import evaluate as ev
 
     experiment_id = run.client.get_run(run.run_id).info.experiment_id
     base_run = run.store.finished_run(experiment_id, grids.cell_id(grids.base_config(cfg)))
@@ -130,15 +132,7 @@ def _gain_over_base(cfg: dict, run: tracking.CellRun, scores) -> dict[str, float
                                                              "eval/scores.parquet"))
     except FileNotFoundError:
         return {}
-    keys = ["reward", "S", "sample_idx"]
-    paired = scores[keys + ["value"]].merge(base_scores[keys + ["value"]], on=keys, suffixes=("", "_base"))
-    out = {}
-    for (reward, num_steps), group in paired.groupby(["reward", "S"]):
-        delta = group["value"] - group["value_base"]
-        out[f"eval/{reward}/s{num_steps}/gain_over_base"] = float(delta.mean())
-        out[f"eval/{reward}/s{num_steps}/gain_se"] = float(delta.std(ddof=1) / len(delta) ** 0.5) if len(delta) > 1 \
-            else 0.0
-    return out
+    return ev.gains_over_base(scores, base_scores)
 
 
 # --------------------------------------------------------------------------------------------- the cell
@@ -285,10 +279,13 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
     from methods.common import Budget, Task, seed_everything
     from methods.policy import load_policy
 
+    from bench.provenance import provenance_tags
+
     wall = time.perf_counter()
     dp = dp if dp is not None else accel.data_parallel()
     device, seed = (dp.device(cfg["device"]) if dp else cfg["device"]), int(cfg["seed"])
     accel.configure_backends(device, cfg.get("tf32", True))
+    run.set_tags(provenance_tags(cfg))  # after threads and backends are set: what this cell's arithmetic used
     base = grids.is_base(cfg)
     k = 0 if base else grids.resolved_train_steps(cfg)
     run.log_params(tracking.flatten(cfg) | {"train_steps_resolved": k, "cell_id": grids.cell_id(cfg)})
@@ -300,8 +297,11 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
         seed_everything(seed)
         spec = models.get(cfg["model"]["name"])
         train_set = prompt_sets.load(cfg["prompts"])
-        eval_prompts = list(prompt_sets.load(cfg["eval"]["prompts"]).test)
-        run.log_prompts(eval_prompts, name=f"{cfg['eval']['prompts']}/test", context="eval")
+        eval_set = prompt_sets.load(cfg["eval"]["prompts"])
+        splits = grids.eval_splits(cfg)  # [(split, n, noise seed)]
+        split_prompts = {split: list(getattr(eval_set, split)) for split, _, _ in splits}
+        for split, prompts in split_prompts.items():
+            run.log_prompts(prompts, name=f"{cfg['eval']['prompts']}/{split}", context=split)
         if not base:
             run.log_prompts(list(train_set.train), name=f"{cfg['prompts']}/train", context="train")
 
@@ -352,20 +352,23 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
         _check_finite(policy)
 
         tic = time.perf_counter()
-        result = ev.evaluate(method, policy, eval_prompts, list(cfg["eval"]["steps"]), eval_rewards,
-                             n=int(cfg["eval"]["n"]), eval_seed=int(cfg["eval"]["seed"]),
-                             batch_size=int(cfg["eval"]["batch_size"]), grid_images=int(cfg["eval"]["grid_images"]),
-                             progress=tracker.progress)
+        results = [ev.evaluate(method, policy, split_prompts[split], list(cfg["eval"]["steps"]), eval_rewards,
+                               split=split, n=n, eval_seed=noise_seed, batch_size=int(cfg["eval"]["batch_size"]),
+                               grid_images=int(cfg["eval"]["grid_images"]), progress=tracker.progress)
+                   for split, n, noise_seed in splits]
         eval_seconds = time.perf_counter() - tic
 
-        scores = result.scores
+        import pandas as pd
+
+        noise_seeds = {split: noise_seed for split, _, noise_seed in splits}
+        scores = pd.concat([r.scores for r in results], ignore_index=True)
         scores.insert(0, "run_id", run.run_id)
         scores.insert(1, "cell_id", grids.cell_id(cfg))
         scores.insert(2, "method", cfg["method"]["name"])
-        scores.insert(6, "seed", seed)  # after prompt, prompt_idx, sample_idx
+        scores.insert(7, "seed", seed)  # after split, prompt, prompt_idx, sample_idx
         scores["model"] = cfg["model"]["name"]
         scores["train_steps"] = k
-        scores["eval_seed"] = int(cfg["eval"]["seed"])
+        scores["eval_seed"] = scores["split"].map(noise_seeds).astype("int64")
         scores_path = tmp / "scores.parquet"
         scores.to_parquet(scores_path, index=False)
         run.log_artifact(scores_path, "eval")
@@ -375,14 +378,18 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
         run.log_artifact(summary_path, "eval")
 
         train_reward = cfg["reward"]["name"]
-        for num_steps, images in result.images.items():
-            if len(images) == 0:
-                continue
-            first = scores[(scores.S == num_steps) & (scores.reward == train_reward)].sort_values("sample_idx")
-            png = ev.save_grid(images, first.prompt.tolist()[:len(images)], first.value.tolist()[:len(images)],
-                               tmp / f"grid_s{num_steps}.png", reward=train_reward,
-                               title=f"{grids.cell_run_name(cfg)}  S={num_steps}")
-            run.log_artifact(png, "eval")
+        for result in results:
+            split = result.split
+            for num_steps, images in result.images.items():
+                if len(images) == 0:
+                    continue
+                arrays = ev.sample_arrays(result, num_steps, split_prompts[split])
+                run.log_artifact(ev.save_samples(arrays, tmp / split / f"samples_s{num_steps}.npz"), f"eval/{split}")
+                first = scores[(scores.split == split) & (scores.S == num_steps) & (scores.reward == train_reward)]
+                values = first.set_index("sample_idx").value.loc[arrays["sample_idx"]].tolist()
+                png = ev.save_grid(images, arrays["prompt"].tolist(), values, tmp / split / f"grid_s{num_steps}.png",
+                                   reward=train_reward, title=f"{grids.cell_run_name(cfg)}  {split}  S={num_steps}")
+                run.log_artifact(png, f"eval/{split}")
 
         curve = ev.save_training_curve(tracker.history, tmp / "train_curve.png", title=grids.cell_run_name(cfg))
         if curve is not None:
@@ -397,16 +404,20 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
     metrics |= {
         "cost/sample_nfe": budget.sample_nfe, "cost/grad_nfe": budget.grad_nfe, "cost/train_nfe": budget.total_nfe,
         "cost/reward_calls": budget.reward_calls, "cost/budget_nfe": int(cfg["budget"]["nfe"]),
-        "cost/eval_nfe": sum(result.nfe.values()), "cost/eval_extra_nfe": sum(result.extra_nfe.values()),
-        "cost/eval_search_reward_calls": sum(result.reward_calls.values()),
-        "cost/eval_reward_calls": result.score_calls,
+        "cost/eval_nfe": sum(sum(r.nfe.values()) for r in results),
+        "cost/eval_extra_nfe": sum(sum(r.extra_nfe.values()) for r in results),
+        "cost/eval_search_reward_calls": sum(sum(r.reward_calls.values()) for r in results),
+        "cost/eval_reward_calls": sum(r.score_calls for r in results),
         "cost/train_seconds": train_seconds, "cost/eval_seconds": eval_seconds,
         "cost/wall_seconds": time.perf_counter() - wall,
     }
-    for num_steps in result.nfe:
-        metrics[f"cost/eval_nfe/s{num_steps}"] = result.nfe[num_steps]
-        metrics[f"cost/eval_extra_nfe/s{num_steps}"] = result.extra_nfe[num_steps]
-        metrics[f"cost/eval_seconds/s{num_steps}"] = result.seconds[num_steps]
+    # per S: summed over the splits, and per split (whose sample counts differ: NFEs per image = the split's
+    # cost/eval_nfe/<split>/s<S> over its eval/<split>/<reward>/s<S>/n)
+    for num_steps in cfg["eval"]["steps"]:
+        for key, per_split in (("eval_nfe", lambda r: r.nfe), ("eval_extra_nfe", lambda r: r.extra_nfe),
+                               ("eval_seconds", lambda r: r.seconds)):
+            metrics[f"cost/{key}/s{num_steps}"] = sum(per_split(r)[num_steps] for r in results)
+            metrics |= {f"cost/{key}/{r.split}/s{num_steps}": per_split(r)[num_steps] for r in results}
     metrics |= memory.metrics()
     if not base:
         if cfg.get("with_base", True):
@@ -414,6 +425,11 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
                 pass  # the base cell, if another worker of this machine is still running it, finishes first
         metrics |= _gain_over_base(cfg, run, scores)
     run.log_metrics(metrics, step=budget.total_nfe)
+    run.flush()
+    # the evaluation curve: eval/<split>/<reward>/mean at step = S, one line per key in MLflow's own chart of
+    # reward against step count; buffered, then written by one log_batch call
+    for num_steps, curve in ev.curve_metrics(summary).items():
+        run.log_metrics(curve, step=num_steps)
     run.flush()
 
 

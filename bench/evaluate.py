@@ -1,15 +1,23 @@
 """The step-generalization evaluation protocol (design.md, "Evaluation protocol").
 
-For every evaluation step count S: sample n images on held-out prompts from FIXED initial noise, through the
-method's own ``generate`` (inference scaling searches there and reports its extra NFEs), and score every image
-with the training reward and every other configured reward (to expose reward hacking).
+For every evaluation split (``eval.splits``: ``val`` and/or ``test``, the prompt set's held-out lists) and every
+evaluation step count S: sample n images on that split's prompts from FIXED initial noise, through the method's own
+``generate`` (inference scaling searches there and reports its extra NFEs), and score every image with the training
+reward and every other configured reward (to expose reward hacking).
 
-Pairing: sample i uses prompt ``prompts[i % len(prompts)]`` and initial noise drawn from a generator seeded by
-(eval_seed, i) alone, so every method, every training seed and every step count sees the same (prompt, x_T)
-pairs; the noise depends on the model only through the latent shape. Differences between methods are paired.
+Pairing: sample i of a split uses prompt ``prompts[i % len(prompts)]`` and initial noise drawn from a generator
+seeded by (the split's noise seed, i) alone, so every method, every training seed and every step count sees the
+same (prompt, x_T) pairs; the noise depends on the model only through the latent shape. Differences between methods
+are paired. Validation and test use different noise seeds (``eval.val_seed`` and ``eval.seed``) as well as
+disjoint prompts: anything tuned on validation has seen neither the test prompts nor the test noise.
 
-Outputs: a tidy per-image scores frame (one row per sample x S x reward), mean / std (ddof=1) / n per
-(reward, S), the first images of each S for a grid PNG, and the NFEs, reward calls and seconds spent.
+Who reads what: tuning and selection (sweeps, preset probes) read ``eval/val/...`` only; leaderboards, claims and
+the README read ``eval/test/...`` only. A cell with ``eval.splits=[val]`` computes no test number at all.
+
+Outputs: a tidy per-image scores frame (one row per split x sample x S x reward), mean / std (ddof=1) / n per
+(split, reward, S) as MLflow metrics ``eval/<split>/<reward>/s<S>/mean|std|n`` plus ``eval/<split>/<reward>/mean``
+with step = S (so MLflow's own chart plots reward against step count), the first images of each S as arrays
+(``eval/<split>/samples_s<S>.npz``) and a PNG grid, and the NFEs, reward calls and seconds spent.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-SCORE_COLUMNS = ["prompt", "prompt_idx", "sample_idx", "S", "reward", "value"]
+from bench import tracking
+
+SCORE_COLUMNS = ["split", "prompt", "prompt_idx", "sample_idx", "S", "reward", "value"]
 
 
 def sample_seed(eval_seed: int, index: int) -> int:
@@ -49,8 +59,10 @@ def prompt_index(sample_idx: int, num_prompts: int) -> int:
 
 @dataclass
 class EvalResult:
+    split: str
+    """The evaluation split these samples came from (val, test, ...)."""
     scores: pd.DataFrame
-    """One row per (sample, S, reward): prompt, prompt_idx, sample_idx, S, reward, value."""
+    """One row per (sample, S, reward): split, prompt, prompt_idx, sample_idx, S, reward, value."""
     images: dict[int, torch.Tensor] = field(default_factory=dict)
     """S -> the first `grid_images` images (k, 3, H, W) in [0, 1] on the CPU."""
     nfe: dict[int, int] = field(default_factory=dict)
@@ -66,9 +78,10 @@ class EvalResult:
 
 
 def evaluate(method: Any, policy: Any, prompts: list[str], steps: list[int], rewards: dict[str, Any], *,
-             n: int, eval_seed: int, batch_size: int, grid_images: int = 0,
+             split: str, n: int, eval_seed: int, batch_size: int, grid_images: int = 0,
              progress: Callable[[int, str], Any] | None = None) -> EvalResult:
-    """Run the protocol for one trained policy; see the module docstring.
+    """Run the protocol for one trained policy on one split's `prompts` with that split's noise seed; see the
+    module docstring.
 
     `method.generate(policy, prompts, S, noise=x_T, budget=b)` returns (images, extra_nfe) and spends its NFEs
     and verifier calls on `b`; `rewards` maps a reward name to a callable reward(images, prompts) -> Tensor[B].
@@ -76,12 +89,12 @@ def evaluate(method: Any, policy: Any, prompts: list[str], steps: list[int], rew
     from methods.common import Budget
 
     if not prompts:
-        raise ValueError("no evaluation prompts")
+        raise ValueError(f"no evaluation prompts in split {split!r}")
     latent_shape = tuple(policy.latent_shape)
     rows: dict[str, list] = {c: [] for c in SCORE_COLUMNS}
-    result = EvalResult(scores=pd.DataFrame())
+    result = EvalResult(split=split, scores=pd.DataFrame())
     total = len(steps) * n
-    bar = progress(total, "eval") if progress is not None else None
+    bar = progress(total, f"eval {split}") if progress is not None else None
     advance = bar.__enter__() if bar is not None else (lambda k=1: None)
     try:
         for num_steps in steps:
@@ -103,6 +116,7 @@ def evaluate(method: Any, policy: Any, prompts: list[str], steps: list[int], rew
                     if values.shape != (len(indices),) or not np.all(np.isfinite(values)):
                         raise FloatingPointError(f"reward {name!r} returned {values.shape} values, non-finite: "
                                                  f"{int((~np.isfinite(values)).sum())} (S={num_steps})")
+                    rows["split"] += [split] * len(indices)
                     rows["prompt"] += batch_prompts
                     rows["prompt_idx"] += prompt_idx
                     rows["sample_idx"] += indices
@@ -129,28 +143,77 @@ def evaluate(method: Any, policy: Any, prompts: list[str], steps: list[int], rew
     return result
 
 
+def sample_arrays(result: EvalResult, num_steps: int, prompts: list[str]) -> dict[str, np.ndarray]:
+    """The kept images of one S as the arrays a report needs (``eval/<split>/samples_s<S>.npz``): images
+    (k, H, W, 3) uint8, prompt (k,) str, prompt_idx (k,) and sample_idx (k,) int64. The kept images are samples
+    0..k-1 of the split, so their prompts follow the cycling rule."""
+    images = result.images.get(num_steps, torch.zeros(0))
+    k = int(images.shape[0]) if images.ndim == 4 else 0
+    sample_idx = np.arange(k, dtype=np.int64)
+    prompt_idx = np.array([prompt_index(i, len(prompts)) for i in sample_idx], dtype=np.int64)
+    pixels = ((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy() if k
+              else np.zeros((0, 0, 0, 3), dtype=np.uint8))
+    return {"images": pixels, "prompt": np.array([prompts[j] for j in prompt_idx], dtype=str),
+            "prompt_idx": prompt_idx, "sample_idx": sample_idx}
+
+
+def save_samples(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Write `sample_arrays` to an .npz (no pickled objects: numpy.load(path) reads it with allow_pickle=False)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def summarize(scores: pd.DataFrame) -> pd.DataFrame:
-    """mean, std (ddof=1; 0 when n=1) and n per (reward, S)."""
-    grouped = scores.groupby(["reward", "S"], sort=True)["value"]
+    """mean, std (ddof=1; 0 when n=1) and n per (split, reward, S)."""
+    grouped = scores.groupby(["split", "reward", "S"], sort=True)["value"]
     out = grouped.agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0, n="count")
     return out.reset_index()
 
 
 def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
-    """{"eval/<reward>/s<S>/mean|std|n": value} for MLflow."""
+    """{"eval/<split>/<reward>/s<S>/mean|std|n": value} for MLflow."""
     metrics = {}
     for row in summary.itertuples(index=False):
         for stat in ("mean", "std", "n"):
-            metrics[f"eval/{row.reward}/s{int(row.S)}/{stat}"] = float(getattr(row, stat))
+            metrics[tracking.eval_metric_key(row.split, row.reward, int(row.S), stat)] = float(getattr(row, stat))
     return metrics
 
 
+def curve_metrics(summary: pd.DataFrame) -> dict[int, dict[str, float]]:
+    """S -> {"eval/<split>/<reward>/mean": mean at S}: logged with MLflow step = S, these keys are one line per
+    (split, reward) in MLflow's own chart of reward against step count."""
+    curves: dict[int, dict[str, float]] = {}
+    for row in summary.itertuples(index=False):
+        curves.setdefault(int(row.S), {})[tracking.eval_metric_key(row.split, row.reward, None, "mean")] = \
+            float(row.mean)
+    return curves
+
+
 def step_generalization(summary: pd.DataFrame, reward: str) -> dict[str, float]:
-    """Per-cell summaries of one reward across S: mean over S and worst S (design.md)."""
-    means = summary[summary.reward == reward].set_index("S")["mean"]
-    if means.empty:
-        return {}
-    return {f"eval/{reward}/mean_over_s": float(means.mean()), f"eval/{reward}/worst_s": float(means.min())}
+    """Per-cell summaries of one reward across S, per split: mean over S and worst S (design.md)."""
+    out = {}
+    for split, rows in summary[summary.reward == reward].groupby("split", sort=True):
+        means = rows.set_index("S")["mean"]
+        out[tracking.eval_metric_key(split, reward, None, "mean_over_s")] = float(means.mean())
+        out[tracking.eval_metric_key(split, reward, None, "worst_s")] = float(means.min())
+    return out
+
+
+def gains_over_base(scores: pd.DataFrame, base_scores: pd.DataFrame) -> dict[str, float]:
+    """Paired gain over the base cell per (split, reward, S): mean and standard error of value - base value over
+    the same (split, sample) pairs, i.e. the same prompt and initial noise (``gain_over_base``, ``gain_se``).
+    A split the base run did not evaluate gets no gain."""
+    keys = ["split", "reward", "S", "sample_idx"]
+    paired = scores[keys + ["value"]].merge(base_scores[keys + ["value"]], on=keys, suffixes=("", "_base"))
+    out = {}
+    for (split, reward, num_steps), group in paired.groupby(["split", "reward", "S"]):
+        delta = group["value"] - group["value_base"]
+        out[tracking.eval_metric_key(split, reward, int(num_steps), "gain_over_base")] = float(delta.mean())
+        out[tracking.eval_metric_key(split, reward, int(num_steps), "gain_se")] = \
+            float(delta.std(ddof=1) / len(delta) ** 0.5) if len(delta) > 1 else 0.0
+    return out
 
 
 def save_grid(images: torch.Tensor, prompts: list[str], values: list[float], path: str | Path, *,

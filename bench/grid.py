@@ -2,7 +2,8 @@
 
 A cell is a pure function of its resolved config. Its identity (``cell_id``) is a hash of the config's
 SEMANTIC keys only: model, reward, method and its fields (minus the method's ``Config.non_semantic``), K,
-seed, budget, training prompts, evaluation settings that change numbers (steps, n, prompt set, seed, rewards),
+seed, budget, training prompts, evaluation settings that change numbers (splits with their n and noise seed,
+steps, prompt set, rewards),
 policy settings, dtype. Device, threads, batch sizes that only trade memory for speed, tracking and progress
 settings are not part of it, so a cell reruns nowhere else on resume.
 
@@ -98,8 +99,8 @@ def cell_key(cfg: Any) -> dict:
         "seed": int(cfg["seed"]),
         "budget": None if base else cfg["budget"],
         "prompts": None if base else cfg["prompts"],
-        "eval": {"steps": sorted(ev["steps"]), "n": ev["n"], "prompts": ev["prompts"], "seed": ev["seed"],
-                 "rewards": sorted(set(ev["rewards"]) | {cfg["reward"]["name"]})},
+        "eval": {"splits": [[split, n, seed] for split, n, seed in eval_splits(cfg)], "steps": sorted(ev["steps"]),
+                 "prompts": ev["prompts"], "rewards": sorted(set(ev["rewards"]) | {cfg["reward"]["name"]})},
         "policy": {"guidance_scale": policy.get("guidance_scale")} if base else policy,
         "dtype": cfg["dtype"],
         # numerics settings that change numbers join the identity only when not default (older ids stay valid)
@@ -111,6 +112,14 @@ def cell_key(cfg: Any) -> dict:
 def cell_id(cfg: Any) -> str:
     text = json.dumps(cell_key(cfg), sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def eval_splits(cfg: Any) -> list[tuple[str, int, int]]:
+    """(split, samples per S, noise seed) for every split a cell evaluates, in eval.splits order: the validation
+    split uses eval.val_n and eval.val_seed, every test list (test, test_hard) eval.n and eval.seed."""
+    ev = _plain(cfg)["eval"] if not isinstance(cfg, dict) else cfg["eval"]
+    return [(str(split), int(ev["val_n"] if split == "val" else ev["n"]),
+             int(ev["val_seed"] if split == "val" else ev["seed"])) for split in ev["splits"]]
 
 
 def cell_run_name(cfg: Any) -> str:

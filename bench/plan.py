@@ -12,7 +12,8 @@ provide it, and the exit status is 3, within seconds.
 
 Compute estimate (stated with every plan):
 - NFEs per cell: training = ``budget.nfe`` (an upper bound: methods stop before overspending; a method
-  whose class says ``trains = False``, base and inference scaling, trains nothing); evaluation = ``eval.n`` x sum over S of the method's NFEs per image at S
+  whose class says ``trains = False``, base and inference scaling, trains nothing); evaluation = samples per S
+  (``eval.n`` + ``eval.val_n`` with both splits) x sum over S of the method's NFEs per image at S
   (S plain, N*S for best-of-N inference scaling, ...) x 2 with classifier-free guidance.
 - FLOPs: the UNet's forward FLOPs per NFE at the model's resolution (512 px: a 64x64 latent, 77 text tokens,
   batch 1), counted with ``torch.utils.flop_counter`` on the meta device from the real UNet configs (their parameter
@@ -134,7 +135,7 @@ def _guidance(cfg: dict) -> float:
 def cell_plan(cfg: dict, flops: dict[str, float] | None = None) -> CellPlan:
     """NFEs and TFLOPs of one composed cell config."""
     import methods
-    from bench.grid import resolved_train_steps
+    from bench.grid import eval_splits, resolved_train_steps
     from bench.tracking import run_name
 
     method = cfg["method"]
@@ -142,7 +143,7 @@ def cell_plan(cfg: dict, flops: dict[str, float] | None = None) -> CellPlan:
     cfg_factor = 2 if _guidance(cfg) > 1.0 else 1
     k = 0 if name == "base" else resolved_train_steps(cfg)
     train_nfe = int(cfg["budget"]["nfe"]) if methods.trains(name) else 0
-    n = int(cfg["eval"]["n"])
+    n = sum(split_n for _, split_n, _ in eval_splits(cfg))  # samples per S over every evaluated split
     eval_nfe = eval_images = verifier_calls = 0
     for s in cfg["eval"]["steps"]:
         calls, images, verify = eval_nfe_per_image(method, int(s))
@@ -334,9 +335,11 @@ def format_plan(p: Plan) -> str:
         seeds = sorted({c.seed for c in cells})
         lines.append(f"  model {', '.join(models)}; training rewards {', '.join(rewards)}; K = {ks}; seeds {seeds}; "
                      f"device {cfg['device']}, dtype {cfg['dtype']}")
-        lines.append(f"  evaluation: S = {list(cfg['eval']['steps'])}, n = {cfg['eval']['n']} per S on "
-                     f"{cfg['eval']['prompts']} (eval split), scored by "
-                     f"{', '.join(dict.fromkeys([*rewards, *cfg['eval']['rewards']]))}")
+        from bench.grid import eval_splits
+
+        per_split = ", ".join(f"{split} n = {n} (noise seed {seed})" for split, n, seed in eval_splits(cfg))
+        lines.append(f"  evaluation: S = {list(cfg['eval']['steps'])}; per S on {cfg['eval']['prompts']}: {per_split}; "
+                     f"scored by {', '.join(dict.fromkeys([*rewards, *cfg['eval']['rewards']]))}")
     head = f"  {'method':<18} {'cells':>6} {'train NFE/cell':>15} {'eval NFE/cell':>14} {'total NFE':>16} {'GPU-h':>9}"
     lines += [head, "  " + "-" * (len(head) - 2)]
     scale = 1.0 / (p.peak_tflops * p.utilisation) / 3600.0

@@ -88,7 +88,7 @@ class StandIn:
         """Hydra overrides that run grid `grid` (default: the model's name) as a stand-in.
 
         The sweep keeps every method and training step count of the grid file and takes its first reward and
-        seed; `budget_nfe` and `eval_n` replace the papers' budgets and evaluation size."""
+        seed; `budget_nfe` and `eval_n` replace the papers' budgets and evaluation size (per split: val and test)."""
         params = grid_sweep(grid or self.model)
         first = {key: params[key].split(",")[0] for key in ("reward", "seed") if key in params}
         out = [
@@ -96,7 +96,8 @@ class StandIn:
             "device=cpu", "dtype=float32", "threads=1", "progress=false",
             "recipe=standin",
             f"budget.nfe={int(budget_nfe)}", "budget.reward_calls=null",
-            f"eval.n={int(eval_n)}", f"eval.batch_size={int(eval_n)}", f"eval.grid_images={min(int(eval_n), 4)}",
+            f"eval.n={int(eval_n)}", f"eval.val_n={int(eval_n)}", f"eval.batch_size={int(eval_n)}",
+            f"eval.grid_images={min(int(eval_n), 4)}",
             f"tracking.uri={self.tracking_uri}", "tracking.system_metrics=false",
         ]
         out += [f"{key}={value}" for key, value in first.items()]

@@ -4,8 +4,10 @@ Conventions (design.md, "MLflow conventions"):
 - one experiment per grid, ``stepbench/<grid>``; one run per cell, named ``<method>/<model>/<reward>/k<K>/s<seed>``;
 - tags: method, model, reward, train_steps, seed, grid, cell_id, git_commit, stepbench_version, device
   (plus ``stepbench.host/pid/pid_start`` so a later process can tell a live run from one whose process was killed);
-- params: the flattened resolved config; metrics ``train/*`` (step = NFEs consumed), ``eval/<reward>/s<S>/mean|std|n``,
-  ``cost/*``; artifacts ``config.yaml``, ``eval/scores.parquet``, ``eval/grid_s<S>.png``, adapter safetensors,
+- params: the flattened resolved config; metrics ``train/*`` (step = NFEs consumed),
+  ``eval/<split>/<reward>/s<S>/mean|std|n`` (``eval_metric_key``), ``eval/<split>/<reward>/mean`` with step = S,
+  ``cost/*``; artifacts ``config.yaml``, ``eval/scores.parquet``, ``eval/<split>/grid_s<S>.png`` and
+  ``eval/<split>/samples_s<S>.npz``, adapter safetensors,
   ``train_curve.png`` (and ``error.txt`` for a failed cell).
 
 Metrics are buffered and written with ``MlflowClient.log_batch``: on SQLite one ``log_metric`` call costs ~17 ms,
@@ -66,8 +68,10 @@ def run_name(method: str, model: str, reward: str, train_steps: int, seed: int) 
     return f"{method}/{model}/{reward}/k{train_steps}/s{seed}"
 
 
-def eval_metric_key(reward: str, num_steps: int, stat: str) -> str:
-    return f"eval/{reward}/s{num_steps}/{stat}"
+def eval_metric_key(split: str, reward: str, num_steps: int | None, stat: str) -> str:
+    """``eval/<split>/<reward>/s<S>/<stat>`` (stat: mean, std, n, gain_over_base, gain_se), or without a step count
+    ``eval/<split>/<reward>/<stat>`` (the per-S means logged with step = S as ``mean``; mean_over_s, worst_s)."""
+    return f"eval/{split}/{reward}/{stat}" if num_steps is None else f"eval/{split}/{reward}/s{num_steps}/{stat}"
 
 
 # ----------------------------------------------------------------------------------------------- URIs

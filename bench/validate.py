@@ -127,6 +127,15 @@ def prompt_set_names() -> list[str] | None:
     return list(names()) if callable(names) else None
 
 
+def held_out_splits(prompt_set: Any) -> list[str]:
+    """The evaluation splits a tasks.prompts.PromptSet offers: its non-empty prompt lists other than train
+    (val, test, and test_hard where the set has one)."""
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(prompt_set) if f.name != "train"
+            and isinstance(getattr(prompt_set, f.name), list) and getattr(prompt_set, f.name)]
+
+
 RESERVED_METHOD_KEYS = ("name", "search_space")
 """Keys of the method node that belong to the harness (registry name; bench.sweep's optional search space)."""
 
@@ -147,6 +156,17 @@ def check_config(cfg: Any) -> None:
     _positive_int("budget.reward_calls", cfg.budget.reward_calls, allow_none=True)
     _positive_int("train_steps", cfg.train_steps, allow_none=True)
     _positive_int("eval.n", cfg.eval.n)
+    _positive_int("eval.val_n", cfg.eval.val_n)
+    splits = list(cfg.eval.splits)
+    if not splits:
+        raise ConfigError("eval.splits is empty; give at least one held-out split, e.g. eval.splits=[val,test]")
+    if len(set(splits)) != len(splits):
+        raise ConfigError(f"eval.splits has duplicates: {splits}")
+    if "train" in splits:
+        raise ConfigError("eval.splits: 'train' is the training prompts, not a held-out split; valid: val, test")
+    if cfg.eval.val_seed == cfg.eval.seed:
+        raise ConfigError(f"eval.val_seed must differ from eval.seed (validation and test noise are disjoint); got "
+                          f"{cfg.eval.val_seed!r} for both")
     _positive_int("eval.batch_size", cfg.eval.batch_size)
     _positive_int("threads", cfg.threads)
     if cfg.threads > MAX_THREADS:
@@ -221,6 +241,13 @@ def check_config(cfg: Any) -> None:
                 prompts.load(value)
             except UnknownNameError as err:
                 raise ConfigError(f"{key}: {err}") from None
+    import tasks.prompts as prompt_sets
+
+    available = held_out_splits(prompt_sets.load(cfg.eval.prompts))
+    for split in splits:
+        if split not in available:
+            raise ConfigError(f"eval.splits: prompt set {cfg.eval.prompts!r} has no held-out split {split!r}; "
+                              f"available: {', '.join(available)}")
 
     _check_prompts(cfg, spec)
 

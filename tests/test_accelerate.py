@@ -201,7 +201,8 @@ def test_accelerate_launch_trains_one_smoke_cell_on_two_gloo_processes(tiny_toy,
             "--main_process_port", str(free_port()),
             "-m", "bench.run", "method=ddpo", "recipe=smoke", "train_steps=2", "budget.nfe=48", f"model.path={tiny_toy}",
             "reward=jpeg-compressibility", "eval.rewards=[]",  # a reward that varies between random-model images
-            "eval.n=4", "eval.batch_size=4", "eval.steps=[1,2]", f"tracking.uri={uri}", "tracking.system_metrics=false",
+            "eval.n=4", "eval.val_n=4", "eval.batch_size=4", "eval.steps=[1,2]", f"tracking.uri={uri}",
+            "tracking.system_metrics=false",
             "progress=false", "with_base=false", f"hydra.run.dir={tmp_path}/outputs"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)

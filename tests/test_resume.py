@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def small(toy, uri: str) -> list[str]:
-    return [f"model.path={toy}", "recipe=smoke", "budget.nfe=48", "eval.n=4", "eval.batch_size=4",
+    return [f"model.path={toy}", "recipe=smoke", "budget.nfe=48", "eval.n=4", "eval.val_n=4", "eval.batch_size=4",
             "eval.grid_images=2", "eval.steps=[1,2]", f"tracking.uri={uri}", "tracking.system_metrics=false",
             "progress=false"]
 

@@ -40,8 +40,13 @@ def test_unknown_method_fails_fast_in_a_subprocess(tmp_path):
     (["budget.nfe=0"], "budget.nfe must be a positive integer; got 0"),
     (["budget.nfe=-5"], "budget.nfe must be a positive integer; got -5"),
     (["train_steps=0"], "train_steps must be a positive integer; got 0"),
-    (["eval.steps=[1,3]"], "eval.steps: 3 is not a step count toy-turbo supports; valid: 1, 2, 4, 8"),
+    (["eval.steps=[1,5]"], "eval.steps: 5 is not a step count toy-turbo supports; valid: 1, 2, 3, 4, 6, 8"),
     (["eval.n=0"], "eval.n must be a positive integer; got 0"),
+    (["eval.val_n=-2"], "eval.val_n must be a positive integer; got -2"),
+    (["eval.val_seed=0"], "eval.val_seed must differ from eval.seed (validation and test noise are disjoint); got 0"),
+    (["eval.splits=[val,nope]"], "eval.splits: prompt set 'toy' has no held-out split 'nope'; available: "),
+    (["eval.splits=[train]"], "eval.splits: 'train' is the training prompts, not a held-out split"),
+    (["eval.splits=[]"], "eval.splits is empty"),
     (["eval.rewards=[toy-mean3,nope]"], "eval.rewards: unknown reward 'nope'; available: "),
     (["method.nope=1"], "unknown config key 'method.nope'; valid keys under 'method': "),
     (["bogus=1"], "unknown config key 'bogus'; valid keys under 'the top level': "),
@@ -175,7 +180,8 @@ def test_grid_on_submitit_local_launcher(tiny_toy, tmp_path):
     toy = tiny_toy
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     argv = [sys.executable, "-m", "bench.run", "-m", "method=base", "train_steps=1,2", f"model.path={toy}",
-            "recipe=smoke", "eval.n=4", "eval.batch_size=4", "eval.steps=[1,2]", f"tracking.uri={uri}",
+            "recipe=smoke", "eval.n=4", "eval.val_n=4", "eval.batch_size=4", "eval.steps=[1,2]",
+            f"tracking.uri={uri}",
             "tracking.system_metrics=false", "progress=false", "hydra/launcher=submitit_local",
             f"hydra.sweep.dir={tmp_path}/multirun"]
     env = {**__import__("os").environ, "PYTHONPATH": str(CONF.parents[1]), "OMP_NUM_THREADS": "1"}

@@ -50,16 +50,17 @@ def test_real_grid_plan_counts_cells_nfes_and_gpu_hours():
     assert len(p.not_applicable) == 48 and all("/k1/" in name for name in p.not_applicable)
     assert {name.split("/")[0] for name in p.not_applicable} == {"pso", "spo", "spo_reward_x0", "grpo"}
     ddpo = next(c for c in cells if c.method == "ddpo")
-    assert (ddpo.train_nfe, ddpo.eval_nfe) == (2_560_000, 490 * (1 + 2 + 4 + 8))
+    # evaluation: 490 test + 320 validation samples at each S
+    assert (ddpo.train_nfe, ddpo.eval_nfe) == (2_560_000, (490 + 320) * (1 + 2 + 4 + 8))
     search = next(c for c in cells if c.method == "inference_scaling")  # best-of-4: 4 x S per image, no training
-    assert (search.train_nfe, search.eval_nfe) == (0, 4 * 490 * 15)
+    assert (search.train_nfe, search.eval_nfe) == (0, 4 * (490 + 320) * 15)
     assert {c.device for c in cells} == {"cuda"} and {c.model for c in cells} == {"sdxl-turbo"}
     # FLOPs of a K=1 DDPO cell by hand: training NFEs at 2x the UNet forward, one decode + training-reward forward
     # per K-step trajectory (half the NFEs sample), eval: NFEs, one decode per image, 5 reward forwards per image
     unet, vae, r = planner.UNET_TFLOP["sdxl-turbo"], planner.VAE_DECODE_TFLOP["sdxl-turbo"], planner.REWARD_TFLOP
     k1 = next(c for c in cells if c.method == "ddpo" and c.train_steps == 1 and c.reward == "aesthetic")
-    expected = (2_560_000 * 2 * unet + 2_560_000 / 2 * (vae + r["aesthetic"]) + 7350 * unet + 490 * 4 * vae
-                + 490 * 4 * sum(r[n] for n in ("pickscore", "hpsv2", "imagereward", "aesthetic", "clipscore")))
+    expected = (2_560_000 * 2 * unet + 2_560_000 / 2 * (vae + r["aesthetic"]) + 810 * 15 * unet + 810 * 4 * vae
+                + 810 * 4 * sum(r[n] for n in ("pickscore", "hpsv2", "imagereward", "aesthetic", "clipscore")))
     assert k1.tflop == pytest.approx(expected, rel=1e-9)
     assert p.gpu_hours == pytest.approx(sum(c.tflop for c in cells) / (989.4 * 0.4) / 3600, rel=1e-9)
     assert 1000 < p.gpu_hours < 4000
@@ -189,14 +190,15 @@ def test_reduced_standin_sdxl_grid_runs_end_to_end_and_reports(standin_cache, tm
     p = planner.plan(["grid=sdxl-turbo", *argv[2:-1]], multirun=True)
     planned = {c.method: c for c in p.cells}
     for method, run in runs.iterrows():
-        assert run["metrics.cost/eval_nfe"] == planned[method].eval_nfe == 4 * (1 + 2)
+        assert run["metrics.cost/eval_nfe"] == planned[method].eval_nfe == (4 + 4) * (1 + 2)  # val + test
         for reward in ("pickscore", "hpsv2", "imagereward", "aesthetic", "clipscore"):
             for s in (1, 2):
-                assert run[f"metrics.eval/{reward}/s{s}/n"] == 4, (method, reward, s)
+                for split in ("val", "test"):
+                    assert run[f"metrics.eval/{split}/{reward}/s{s}/n"] == 4, (method, split, reward, s)
     for method in ("ddpo", "pso"):
         assert 0 < runs.loc[method, "metrics.cost/train_nfe"] <= 48
     scores = tracking.load_scores(uri, runs.run_id.tolist())
-    assert len(scores) == 3 * 2 * 4 * 5  # cells x S x n x rewards
+    assert len(scores) == 3 * 2 * (4 + 4) * 5  # cells x S x (val n + test n) x rewards
 
     from reports.__main__ import main as report_main
 

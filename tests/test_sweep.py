@@ -36,7 +36,7 @@ def uri(tmp_path_factory):
 def small(toy, uri: str, tmp: Path) -> list[str]:
     """Tiny cells: 48 training NFEs at K = 1, 4 eval samples at S = 1, a reward that moves on a random model."""
     return [f"model.path={toy}", "recipe=smoke", "reward=jpeg-incompressibility", "train_steps=1", "budget.nfe=48",
-            "eval.n=4", "eval.batch_size=4", "eval.grid_images=0", "eval.steps=[1]", "eval.rewards=[]",
+            "eval.val_n=4", "eval.batch_size=4", "eval.grid_images=0", "eval.steps=[1]", "eval.rewards=[]",
             f"tracking.uri={uri}", "tracking.system_metrics=false", "tracking.save_adapter=false", "progress=false",
             "with_base=false", "sweep.intermediate.n=4", f"sweep.tuned_dir={tmp}/tuned"]
 
@@ -186,7 +186,8 @@ def test_study_of_three_trials_then_resume_after_a_crash(tiny_toy, uri, tmp_path
     for t in trials:
         row = by_trial.loc[t.number]
         assert row.run_id == t.user_attrs["mlflow_run_id"] and row.cell_id == t.user_attrs["cell_id"]
-        assert row["metrics.eval/jpeg-incompressibility/s1/mean"] == pytest.approx(t.value, abs=0)
+        assert row["metrics.eval/val/jpeg-incompressibility/s1/mean"] == pytest.approx(t.value, abs=0)
+        assert not [c for c in row.index if c.startswith("metrics.eval/test/")]  # tuning computes no test number
         assert row["metrics.sweep/objective"] == pytest.approx(t.value, abs=0)
         assert float(row["params.method.lr"]) == pytest.approx(t.params["lr"])
         assert row["tags.sweep.state"] == "COMPLETE"
@@ -259,7 +260,7 @@ def test_pruner_stops_a_trial_whose_learning_rate_collapses_the_reward(tiny_toy,
     runs = _runs(uri, name).set_index("tags.sweep.trial")
     assert runs.loc["1", "status"] == "KILLED" and runs.loc["1", "tags.sweep.state"] == "PRUNED"
     assert runs.loc["1", "tags.error"].startswith("TrialStopped: pruned by the sweep at ")
-    assert np.isnan(runs.loc["1"].get("metrics.eval/jpeg-incompressibility/s1/mean", np.nan))  # stopped before eval
+    assert np.isnan(runs.loc["1"].get("metrics.eval/val/jpeg-incompressibility/s1/mean", np.nan))  # stopped before eval
     assert runs.loc["0", "status"] == "FINISHED"
     assert (tmp_path / "tuned" / f"{name}.yaml").exists()
 

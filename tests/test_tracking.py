@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import free_port
@@ -16,7 +17,8 @@ from bench import tracking
 
 def cell_cfg(uri: str, toy, *overrides: str) -> dict:
     return grids._plain(grids.compose([
-        f"model.path={toy}", "recipe=smoke", "budget.nfe=48", "eval.n=8", "eval.batch_size=8", "eval.grid_images=4",
+        f"model.path={toy}", "recipe=smoke", "budget.nfe=48", "eval.n=8", "eval.val_n=4", "eval.batch_size=8",
+        "eval.grid_images=4",
         "eval.steps=[1,2]", f"tracking.uri={uri}", "tracking.system_metrics=false", "progress=false", *overrides]))
 
 
@@ -45,18 +47,32 @@ def test_run_name_tags_params_metrics_artifacts(finished_store):
     for tag in ("git_commit", "stepbench_version", "device"):
         assert row[f"tags.{tag}"]
     assert row["tags.device"] == "cpu"
+    # provenance: CPU, torch build and float settings the cell ran under
+    import torch
+
+    for tag in ("cpu_model", "cpu_flags", "torch_build.blas_info", "float32_matmul_precision", "deterministic_algorithms"):
+        assert row[f"tags.provenance.{tag}"], tag
+    assert row["tags.provenance.torch_version"] == torch.__version__
+    assert row["tags.provenance.torch_cuda"] == (torch.version.cuda or "none")
+    assert row["tags.provenance.num_threads"] == str(cfg["threads"])  # what the cell set, not the process default
+    assert (row["tags.provenance.precision"], row["tags.provenance.dtype"]) == ("fp32", "float32")
     # params: the flattened resolved config
     assert row["params.method.name"] == "ddpo" and row["params.budget.nfe"] == "48"
     assert row["params.method.prompts_per_epoch"] == "2" and row["params.eval.steps"] == "[1, 2]"
     assert row["params.model.path"] == cfg["model"]["path"]
-    # metrics: eval/<reward>/s<S>/{mean,std,n} for the training reward and every other configured reward
+    # metrics: eval/<split>/<reward>/s<S>/{mean,std,n} for the training reward and every other configured reward,
+    # on both splits with their own sample counts
     rewards = ["toy-all", *cfg["eval"]["rewards"]]
     for reward in rewards:
         for s in (1, 2):
-            assert row[f"metrics.eval/{reward}/s{s}/n"] == 8
-            assert f"metrics.eval/{reward}/s{s}/mean" in row and f"metrics.eval/{reward}/s{s}/std" in row
+            assert row[f"metrics.eval/test/{reward}/s{s}/n"] == 8 and row[f"metrics.eval/val/{reward}/s{s}/n"] == 4
+            for split in ("val", "test"):
+                assert np.isfinite(row[f"metrics.eval/{split}/{reward}/s{s}/mean"])
+                assert np.isfinite(row[f"metrics.eval/{split}/{reward}/s{s}/std"])
+    assert not [c for c in runs.columns if c.startswith("metrics.eval/") and c.split("/")[1] not in ("val", "test")]
     assert row["metrics.cost/train_nfe"] <= 48 and row["metrics.cost/train_nfe"] > 0
-    assert row["metrics.cost/eval_nfe"] == 8 * (1 + 2)
+    assert row["metrics.cost/eval_nfe"] == (8 + 4) * (1 + 2)
+    assert row["metrics.cost/eval_nfe/test/s2"] == 8 * 2 and row["metrics.cost/eval_nfe/val/s2"] == 4 * 2
     for key in ("sample_nfe", "grad_nfe", "reward_calls", "wall_seconds", "peak_rss_mb", "eval_reward_calls"):
         assert f"metrics.cost/{key}" in row
     train_keys = [c for c in runs.columns if c.startswith("metrics.train/")]
@@ -69,8 +85,10 @@ def test_run_name_tags_params_metrics_artifacts(finished_store):
     client = MlflowClient(tracking.resolve_uri(uri))
     top = {a.path for a in client.list_artifacts(row.run_id)}
     assert {"config.yaml", "eval", "adapter", "train_curve.png"} <= top
-    assert {a.path for a in client.list_artifacts(row.run_id, "eval")} >= {
-        "eval/scores.parquet", "eval/grid_s1.png", "eval/grid_s2.png"}
+    assert {a.path for a in client.list_artifacts(row.run_id, "eval")} >= {"eval/scores.parquet", "eval/val", "eval/test"}
+    for split in ("val", "test"):
+        assert {a.path for a in client.list_artifacts(row.run_id, f"eval/{split}")} == {
+            f"eval/{split}/{name}_s{s}.{ext}" for s in (1, 2) for name, ext in (("grid", "png"), ("samples", "npz"))}
     assert [a.path for a in client.list_artifacts(row.run_id, "adapter")] == ["adapter/adapter.safetensors"]
     # the base run trains nothing: no adapter, no train metrics
     base = runs[runs.method == "base"].iloc[0]
@@ -79,7 +97,7 @@ def test_run_name_tags_params_metrics_artifacts(finished_store):
     # prompts are the run's dataset inputs
     inputs = client.get_run(row.run_id).inputs.dataset_inputs
     contexts = {[t.value for t in i.tags if t.key == "mlflow.data.context"][0]: i.dataset.name for i in inputs}
-    assert contexts == {"eval": "toy/test", "train": "toy/train"}
+    assert contexts == {"val": "toy/val", "test": "toy/test", "train": "toy/train"}
 
 
 def test_scores_parquet_matches_logged_summary(finished_store):
@@ -87,29 +105,98 @@ def test_scores_parquet_matches_logged_summary(finished_store):
     runs = tracking.load_runs(uri, "testgrid", status="FINISHED")
     scores = tracking.load_scores(uri, runs.run_id.tolist())
     rewards = {"toy-all", *cfg["eval"]["rewards"]}
-    assert len(scores) == 2 * 8 * 2 * len(rewards)  # 2 runs x n x |S| x |rewards|
-    assert list(scores.columns[:10]) == ["run_id", "cell_id", "method", "prompt", "prompt_idx", "sample_idx", "seed",
-                                         "S", "reward", "value"]
+    assert len(scores) == 2 * (8 + 4) * 2 * len(rewards)  # 2 runs x (test n + val n) x |S| x |rewards|
+    assert list(scores.columns[:11]) == ["run_id", "cell_id", "method", "split", "prompt", "prompt_idx", "sample_idx",
+                                         "seed", "S", "reward", "value"]
     ddpo = runs[runs.method == "ddpo"].iloc[0]
     mine = scores[scores.run_id == ddpo.run_id]
     assert set(mine.cell_id) == {ddpo.cell_id} and set(mine.seed) == {3}
-    for (reward, s), values in mine.groupby(["reward", "S"]).value:
-        assert ddpo[f"metrics.eval/{reward}/s{s}/mean"] == pytest.approx(values.mean(), abs=1e-6)
-        assert ddpo[f"metrics.eval/{reward}/s{s}/std"] == pytest.approx(values.std(ddof=1), abs=1e-6)
-    # paired gain over the base cell, logged by the trained cell
+    # each split: its own prompts and its own noise seed
+    from tasks import prompts as prompt_sets
+
+    toy = prompt_sets.load("toy")
+    for split, n, noise_seed in (("val", 4, cfg["eval"]["val_seed"]), ("test", 8, cfg["eval"]["seed"])):
+        rows = mine[mine.split == split]
+        assert rows.sample_idx.max() == n - 1 and set(rows.eval_seed) == {noise_seed}
+        assert set(rows.prompt) <= set(getattr(toy, split))
+    assert cfg["eval"]["val_seed"] != cfg["eval"]["seed"]
+    for (split, reward, s), values in mine.groupby(["split", "reward", "S"]).value:
+        assert ddpo[f"metrics.eval/{split}/{reward}/s{s}/mean"] == pytest.approx(values.mean(), abs=1e-6)
+        assert ddpo[f"metrics.eval/{split}/{reward}/s{s}/std"] == pytest.approx(values.std(ddof=1), abs=1e-6)
+    # paired gain over the base cell, logged by the trained cell, per split
     base = runs[runs.method == "base"].iloc[0]
-    paired = mine.merge(scores[scores.run_id == base.run_id], on=["reward", "S", "sample_idx"])
-    for (reward, s), group in paired.groupby(["reward", "S"]):
+    paired = mine.merge(scores[scores.run_id == base.run_id], on=["split", "reward", "S", "sample_idx"])
+    assert set(paired.split) == {"val", "test"}
+    for (split, reward, s), group in paired.groupby(["split", "reward", "S"]):
         delta = group.value_x - group.value_y
-        assert ddpo[f"metrics.eval/{reward}/s{s}/gain_over_base"] == pytest.approx(delta.mean(), abs=1e-6)
-        assert ddpo[f"metrics.eval/{reward}/s{s}/gain_se"] == pytest.approx(delta.std(ddof=1) / len(delta) ** 0.5,
-                                                                             abs=1e-6)
-    # base and ddpo were evaluated on the same (prompt, sample) pairs
-    pairs = scores.groupby("run_id")[["prompt", "sample_idx"]].apply(lambda f: tuple(map(tuple, f.values)))
+        assert ddpo[f"metrics.eval/{split}/{reward}/s{s}/gain_over_base"] == pytest.approx(delta.mean(), abs=1e-6)
+        assert ddpo[f"metrics.eval/{split}/{reward}/s{s}/gain_se"] == pytest.approx(
+            delta.std(ddof=1) / len(delta) ** 0.5, abs=1e-6)
+    # base and ddpo were evaluated on the same (split, prompt, sample) pairs
+    pairs = scores.groupby("run_id")[["split", "prompt", "sample_idx"]].apply(lambda f: tuple(map(tuple, f.values)))
     assert pairs.nunique() == 1
     assert tracking.artifact_path(uri, ddpo.run_id, "config.yaml").read_text().startswith("model:")
     with pytest.raises(FileNotFoundError):
         tracking.artifact_path(uri, ddpo.run_id, "nope.txt")
+
+
+def test_eval_curve_is_logged_with_step_s(finished_store):
+    """eval/<split>/<reward>/mean has one point per S at step = S (MLflow's chart of reward against step count),
+    equal to the per-S means the report reads."""
+    uri, cfg = finished_store
+    runs = tracking.load_runs(uri, "testgrid", status="FINISHED")
+    ddpo = runs[runs.method == "ddpo"].iloc[0]
+    for split in ("val", "test"):
+        for reward in ("toy-all", *cfg["eval"]["rewards"]):
+            history = tracking.metric_history(uri, ddpo.run_id, f"eval/{split}/{reward}/mean")
+            assert history.step.tolist() == [1, 2]
+            for s, value in zip(history.step, history.value):
+                assert value == pytest.approx(ddpo[f"metrics.eval/{split}/{reward}/s{s}/mean"], abs=1e-9)
+            gen = ddpo[f"metrics.eval/{split}/{reward}/mean_over_s"]
+            assert gen == pytest.approx(history.value.mean(), abs=1e-9)
+
+
+def test_sample_npz_matches_the_scores(finished_store):
+    """eval/<split>/samples_s<S>.npz: the first grid_images samples' pixels and ids, the same rows as scores.parquet."""
+    uri, cfg = finished_store
+    runs = tracking.load_runs(uri, "testgrid", status="FINISHED")
+    ddpo = runs[runs.method == "ddpo"].iloc[0]
+    scores = tracking.load_scores(uri, [ddpo.run_id])
+    for split in ("val", "test"):
+        with np.load(tracking.artifact_path(uri, ddpo.run_id, f"eval/{split}/samples_s2.npz"), allow_pickle=False) as f:
+            images, prompt, prompt_idx, sample_idx = f["images"], f["prompt"], f["prompt_idx"], f["sample_idx"]
+        assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
+        rows = scores[(scores.split == split) & (scores.S == 2) & (scores.reward == "toy-all")].set_index("sample_idx")
+        assert sample_idx.tolist() == [0, 1, 2, 3]
+        assert prompt.tolist() == rows.loc[sample_idx].prompt.tolist()
+        assert prompt_idx.tolist() == rows.loc[sample_idx].prompt_idx.tolist()
+
+
+def test_val_only_cell_computes_no_test_number(tiny_toy, tmp_path, monkeypatch):
+    """eval.splits=[val] (what sweeps and preset probes run): no test prompt is sampled, no eval/test metric, no test
+    row in scores.parquet, no test artifact."""
+    from bench import evaluate as ev
+    from bench.cell import run_cell
+    from tasks import prompts as prompt_sets
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = cell_cfg(uri, tiny_toy, "method=base", "eval.splits=[val]")
+    sampled = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **kw: (sampled.append((kw["split"], list(a[2]))), real(*a, **kw))[1])
+    assert run_cell(cfg, "valonly") == "finished"
+    test_prompts = set(prompt_sets.load("toy").test)
+    assert [split for split, _ in sampled] == ["val"] and not set(sampled[0][1]) & test_prompts
+    runs = tracking.load_runs(uri, "valonly")
+    metrics = [c for c in runs.columns if c.startswith("metrics.eval/")]
+    assert metrics and all(c.startswith("metrics.eval/val/") for c in metrics)
+    scores = tracking.load_scores(uri, runs.run_id.tolist())
+    assert set(scores.split) == {"val"} and not set(scores.prompt) & test_prompts
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking.resolve_uri(uri))
+    assert {a.path for a in client.list_artifacts(runs.run_id.iloc[0], "eval")} == {
+        "eval/scores.parquet", "eval/summary.csv", "eval/val"}
 
 
 def test_metrics_are_buffered_and_flushed_in_batches(tmp_path, monkeypatch):

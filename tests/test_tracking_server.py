@@ -34,7 +34,7 @@ def test_two_workers_against_a_tracking_server_lose_and_duplicate_nothing(tiny_t
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
         argv = [sys.executable, "-m", "bench.run", "-m", "grid=smoke", "hydra/launcher=joblib",
                 "hydra.launcher.n_jobs=2", f"tracking.uri={url}", f"model.path={tiny_toy}", "eval.n=4",
-                "eval.steps=[1,2]", "progress=false", f"hydra.sweep.dir={tmp_path}/multirun"]
+                "eval.val_n=4", "eval.steps=[1,2]", "progress=false", f"hydra.sweep.dir={tmp_path}/multirun"]
         out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
         log = out.stdout + out.stderr
         assert out.returncode == 0, log[-4000:]
@@ -54,11 +54,12 @@ def test_two_workers_against_a_tracking_server_lose_and_duplicate_nothing(tiny_t
         for _, run in runs.iterrows():
             for reward in rewards:
                 for s in (1, 2):
-                    assert run[f"metrics.eval/{reward}/s{s}/n"] == 4, (run.run_name, reward, s)
+                    for split in ("val", "test"):
+                        assert run[f"metrics.eval/{split}/{reward}/s{s}/n"] == 4, (run.run_name, split, reward, s)
             assert str(run.artifact_uri).startswith("mlflow-artifacts:")
         scores = tracking.load_scores(url, runs.run_id.tolist())
-        assert len(scores) == 5 * 2 * 4 * len(rewards)
-        assert scores.groupby("run_id").size().eq(2 * 4 * len(rewards)).all()
+        assert len(scores) == 5 * 2 * 2 * 4 * len(rewards)  # runs x splits x S x n x rewards
+        assert scores.groupby("run_id").size().eq(2 * 2 * 4 * len(rewards)).all()
         for _, run in runs[runs.method == "ddpo"].iterrows():
             keys = [k for k in run.index if k.startswith("metrics.train/") and run[k] == run[k]]
             assert keys, run.run_name

@@ -46,14 +46,21 @@ class BudgetConf:
 
 @dataclass
 class EvalConf:
-    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    """Held-out prompt lists of the prompt set to evaluate: val (read by tuning: sweeps, preset probes) and test
+    (read by leaderboards, claims, README). [val] computes no test number at all."""
+    steps: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
     """Evaluation step counts S; each must be in the model's ModelSpec.step_counts."""
     n: int = 256
-    """Samples per step count; sample i uses prompt i % len(eval prompts) and noise from (seed, i) only."""
+    """Test-split samples per step count; sample i uses prompt i % len(test prompts) and noise from (seed, i) only."""
+    val_n: int = 128
+    """Validation-split samples per step count (prompt i % len(val prompts), noise from (val_seed, i))."""
     prompts: str = "${prompts}"
-    """Prompt set whose held-out `eval` split is used (default: the training prompt set)."""
+    """Prompt set whose held-out val/test lists are used (default: the training prompt set)."""
     seed: int = 0
-    """Evaluation noise seed; identical for every method, model and training seed (paired comparisons)."""
+    """Test noise seed; identical for every method, model and training seed (paired comparisons)."""
+    val_seed: int = 1
+    """Validation noise seed; must differ from `seed`, so that tuning never sees the test noise."""
     rewards: list[str] = field(default_factory=list)
     """Rewards scored besides the training reward (reward-hacking control)."""
     batch_size: int = 64
@@ -101,7 +108,7 @@ class StepbenchConfig:
     method: Any = MISSING
     recipe: RecipeConf = field(default_factory=RecipeConf)
     prompts: str = "toy"
-    """tasks.prompts set; training uses its `train` split, evaluation its held-out `eval` split."""
+    """tasks.prompts set; training uses its `train` split, evaluation its held-out splits (eval.splits)."""
     train_steps: int | None = None
     """K, the denoising step count used while training; None = the ModelSpec's default_train_steps."""
     seed: int = 0

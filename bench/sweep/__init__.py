@@ -19,8 +19,9 @@ handling) in the experiment ``stepbench/sweep/<study>`` as the run ``<cell run n
   ``Config.search_space()``; ``{"lr": ("log_float", 1e-5, 1e-3), "lora_rank": ("categorical", [4, 8])}``, kinds
   float | log_float | int | log_int | categorical (float/int take an optional step). A key is a method field, or
   ``policy.<key>``. Fields pinned on the command line (``method.lr=...``) are not searched.
-- Objective (maximised): ``train_steps`` = ``eval/<reward>/s<K>/mean``; ``mean_steps`` = ``eval/<reward>/mean_over_s``
-  (step generalization). Every trial gets the same training budget (``budget.nfe``).
+- Objective (maximised): ``train_steps`` = ``eval/val/<reward>/s<K>/mean``; ``mean_steps`` =
+  ``eval/val/<reward>/mean_over_s`` (step generalization), on the validation split only: trials run with
+  ``eval.splits=[val]`` and compute no test number. Every trial gets the same training budget (``budget.nfe``).
 - Pruning: at ``sweep.intermediate.points`` NFE milestones of training a probe evaluation (the first
   ``sweep.intermediate.n`` samples of the evaluation protocol: fixed prompts and noise, the trial's objective steps)
   is reported to Optuna; when the pruner (MedianPruner by default) rejects the trial, the cell stops, the trial is
@@ -100,8 +101,10 @@ class Sweep:
         default = f"{self.method}-{self.model}-{self.reward}-k{self.k}{suffix}"
         self.study_name = (conf.study_name or default).replace("{default}", default)
         self.grid = f"sweep/{self.study_name}"
-        self.objective_key = (tracking.eval_metric_key(self.reward, self.k, "mean") if conf.objective == "train_steps"
-                              else f"eval/{self.reward}/mean_over_s")
+        # the validation split only: tuning never reads a test number (bench/evaluate.py)
+        self.objective_key = (tracking.eval_metric_key("val", self.reward, self.k, "mean")
+                              if conf.objective == "train_steps"
+                              else tracking.eval_metric_key("val", self.reward, None, "mean_over_s"))
         self.probe_steps = [self.k] if conf.objective == "train_steps" else list(cfg["eval"]["steps"])
         nfe = int(cfg["budget"]["nfe"])
         points = conf.intermediate.points

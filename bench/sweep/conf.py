@@ -183,4 +183,5 @@ def compose_cell(overrides: list[str]) -> tuple[dict, dict | None]:
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(bench_run._unknown_key_message(err, overrides) or bench_run._one_line(err)) from None
     yaml_space = cfg["method"].pop("search_space", None)
+    cfg["eval"]["splits"] = ["val"]  # tuning reads the validation split only: a sweep computes no test number
     return cfg, yaml_space

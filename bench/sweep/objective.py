@@ -78,8 +78,8 @@ class Probe:
 
         method, policy, reward, _ = self._context
         with preserved_rng():
-            result = ev.evaluate(method, policy, self.prompts, self.steps, {self.reward_name: reward}, n=self.n,
-                                 eval_seed=self.eval_seed, batch_size=self.batch_size, grid_images=0)
+            result = ev.evaluate(method, policy, self.prompts, self.steps, {self.reward_name: reward}, split="val",
+                                 n=self.n, eval_seed=self.eval_seed, batch_size=self.batch_size, grid_images=0)
         self.eval_nfe += sum(result.nfe.values())
         return float(result.scores.groupby("S")["value"].mean().mean())
 
@@ -156,7 +156,7 @@ class Objective:
         import tasks.prompts as prompt_sets
 
         probe = Probe(trial, s.milestones, prompts=list(prompt_sets.load(ev["prompts"]).val), steps=s.probe_steps,
-                      n=s.conf.intermediate.n, eval_seed=int(ev["seed"]),
+                      n=s.conf.intermediate.n, eval_seed=int(ev["val_seed"]),
                       batch_size=min(int(ev["batch_size"]), s.conf.intermediate.n), reward_name=s.reward)
         tags = {"sweep.study": s.study_name, "sweep.trial": trial.number, "sweep.storage": s.storage.safe_url(),
                 "sweep.params": json.dumps(params, sort_keys=True, default=str)}
