@@ -128,12 +128,9 @@ def prompt_set_names() -> list[str] | None:
 
 
 def held_out_splits(prompt_set: Any) -> list[str]:
-    """The evaluation splits a tasks.prompts.PromptSet offers: its non-empty prompt lists other than train
-    (val, test, and test_hard where the set has one)."""
-    import dataclasses
-
-    return [f.name for f in dataclasses.fields(prompt_set) if f.name != "train"
-            and isinstance(getattr(prompt_set, f.name), list) and getattr(prompt_set, f.name)]
+    """The evaluation splits a tasks.prompts.PromptSet offers: its prompt lists other than train (val, test, and
+    test_hard where the set has one)."""
+    return [name for name, value in vars(prompt_set).items() if name != "train" and isinstance(value, list)]
 
 
 RESERVED_METHOD_KEYS = ("name", "search_space")
@@ -175,10 +172,12 @@ def check_config(cfg: Any) -> None:
     _seed("seed", cfg.seed)
     for key in sorted(k for k in cfg.eval.keys() if str(k).endswith("seed")):
         _seed(f"eval.{key}", cfg.eval[key])
-    if cfg.eval.n > MAX_EVAL_N:
-        raise ConfigError(f"eval.n must be <= {MAX_EVAL_N:,} samples per step count; got {cfg.eval.n:,} "
-                          f"({cfg.eval.n * len(cfg.eval.steps):,} images over eval.steps={list(cfg.eval.steps)}); "
-                          f"`python -m bench.plan` estimates a grid's cost")
+    for key in ("n", "val_n"):
+        if cfg.eval[key] > MAX_EVAL_N:
+            raise ConfigError(f"eval.{key} must be <= {MAX_EVAL_N:,} samples per step count; got {cfg.eval[key]:,} "
+                              f"({cfg.eval[key] * len(cfg.eval.steps):,} images over eval.steps="
+                              f"{list(cfg.eval.steps)}); "
+                              f"`python -m bench.plan` estimates a grid's cost")
     lease = cfg.tracking.get("lease_seconds", 300.0)
     if not lease > 0:
         raise ConfigError(f"tracking.lease_seconds must be > 0 seconds; got {lease!r}")
@@ -241,6 +240,7 @@ def check_config(cfg: Any) -> None:
                 prompts.load(value)
             except UnknownNameError as err:
                 raise ConfigError(f"{key}: {err}") from None
+    _check_prompts(cfg, spec)
     import tasks.prompts as prompt_sets
 
     available = held_out_splits(prompt_sets.load(cfg.eval.prompts))
@@ -248,8 +248,6 @@ def check_config(cfg: Any) -> None:
         if split not in available:
             raise ConfigError(f"eval.splits: prompt set {cfg.eval.prompts!r} has no held-out split {split!r}; "
                               f"available: {', '.join(available)}")
-
-    _check_prompts(cfg, spec)
 
     method_name = cfg.method.name
     _names_check("method", method_name, methods.names())
