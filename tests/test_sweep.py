@@ -265,6 +265,33 @@ def test_pruner_stops_a_trial_whose_learning_rate_collapses_the_reward(tiny_toy,
     assert (tmp_path / "tuned" / f"{name}.yaml").exists()
 
 
+def test_a_sweep_trial_never_computes_or_logs_a_test_split_number(tiny_toy, uri, tmp_path, monkeypatch):
+    """Tuning reads the validation split only: every evaluation a trial makes (the pruning probe and the cell's
+    own) is of split val, the trial's run logs eval/val/... keys and no eval/test/... key, and its scores table
+    holds val rows only."""
+    from bench import evaluate as ev
+
+    splits = []
+    original = ev.evaluate
+
+    def spy(*args, **kwargs):
+        splits.append(kwargs["split"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    monkeypatch.chdir(tmp_path)
+    name = "val-only"
+    argv = [*small(tiny_toy, uri, tmp_path), "method=ddpo", f"sweep.study_name={name}", "sweep.n_trials=1",
+            "sweep.space={lr:[log_float,1e-5,1e-3]}", "sweep.intermediate.points=1", "sweep.write_tuned=false"]
+    assert sweep.main(argv) == 0
+    assert len(splits) == 2 and set(splits) == {"val"}  # one probe, one evaluation of the cell
+    runs = _runs(uri, name)
+    keys = [c for c in runs.columns if c.startswith("metrics.eval/") and runs[c].notna().any()]
+    assert "metrics.eval/val/jpeg-incompressibility/s1/mean" in keys
+    assert all(k.startswith("metrics.eval/val/") for k in keys), keys
+    assert set(tracking.load_scores(uri, runs.run_id.tolist()).split) == {"val"}
+
+
 @pytest.mark.slow
 def test_two_worker_processes_share_one_journal_study(tiny_toy, uri, tmp_path):
     """Two processes on one journal file: exactly n_trials COMPLETE trials, numbered 0..n-1, each with its own
