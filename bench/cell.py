@@ -151,6 +151,20 @@ class CellStatus(str):
 
 def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, Any] | None = None,
              train_hook: Callable[..., Any] | None = None, run_name: str | None = None) -> CellStatus:
+    """Run one cell (see `_run_cell`); a tracking server that is unreachable before the cell's run exists makes the
+    cell "failed" with one line, so the grid goes on to its summary."""
+    try:
+        return _run_cell(cfg, grid, index=index, tags=tags, train_hook=train_hook, run_name=run_name)
+    except Exception as err:  # noqa: BLE001 - only outages are turned into a status
+        if not tracking._is_outage(err):
+            raise
+        name = run_name or grids.cell_run_name(grids._plain(cfg))
+        print(f"{index}FAILED {name}: tracking server unreachable ({str(err).splitlines()[0][:200]})", flush=True)
+        return CellStatus("failed")
+
+
+def _run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, Any] | None = None,
+              train_hook: Callable[..., Any] | None = None, run_name: str | None = None) -> CellStatus:
     """Run one cell unless a FINISHED run of it exists; never raises for a failing cell (returns "failed", or
     "killed" when the exception carries ``mlflow_status = "KILLED"``, e.g. a pruned sweep trial).
 
@@ -221,7 +235,8 @@ def run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str, 
                     with store.start_run(experiment_id, name, run_tags,
                                          system_metrics=cfg["tracking"]["system_metrics"],
                                          flush_every=cfg["tracking"]["flush_every"],
-                                         flush_seconds=cfg["tracking"]["flush_seconds"]) as run:
+                                         flush_seconds=cfg["tracking"]["flush_seconds"],
+                                         outage_seconds=cfg["tracking"].get("outage_seconds", 600.0)) as run:
                         print(f"{index}run  {name} (cell {cid}, run {run.run_id})", flush=True)
                         _execute(cfg, run, train_hook)
                     break

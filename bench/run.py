@@ -135,8 +135,19 @@ def summarize(plan: Plan) -> int:
     stores: dict[str, Store] = {}
     for cid, cell in cells.items():
         uri = cell["tracking"]["uri"]
-        store = stores.setdefault(uri, Store(uri))
-        runs = store.cell_runs(store.experiment_id(plan.grid), cid)
+        try:
+            store = stores.setdefault(uri, Store(uri))
+            runs = store.cell_runs(store.experiment_id(plan.grid), cid)
+        except Exception as err:  # noqa: BLE001 - the summary is printed even when the server is down
+            from bench.tracking import _is_outage
+
+            if not _is_outage(err):
+                raise
+            runs = None
+        if runs is None:
+            counts["UNKNOWN"] = counts.get("UNKNOWN", 0) + 1
+            bad.append(f"  UNKNOWN  {grids.cell_run_name(cell)} (cell {cid}): tracking server unreachable")
+            continue
         status = "FINISHED" if any(r.info.status == "FINISHED" for r in runs) else (
             max(runs, key=lambda r: r.info.start_time).info.status if runs else "MISSING")
         counts[status] = counts.get(status, 0) + 1

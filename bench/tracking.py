@@ -53,6 +53,28 @@ class TrackingURIError(ValueError):
     """The tracking URI cannot be used (unreachable host, unwritable SQLite directory, unknown scheme)."""
 
 
+class StoreUnreachable(RuntimeError):
+    """The tracking server stayed unreachable past ``tracking.outage_seconds``; the cell's results are on disk."""
+
+    mlflow_status = "FAILED"
+
+
+def _is_outage(err: BaseException) -> bool:
+    """A connection failure to the tracking server (after MLflow's own HTTP retries), not a rejected request."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import requests
+
+        if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+    except ImportError:
+        pass
+    text = str(err)
+    return any(s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
+                                   "Read timed out", "RemoteDisconnected", "Connection aborted"))
+
+
 class ClaimLost(RuntimeError):
     """Another worker (on this or another host) claimed the same cell at the same moment; this one backs off."""
 
@@ -560,10 +582,14 @@ class Store(StoreReader):
 
     @contextlib.contextmanager
     def start_run(self, experiment_id: str, name: str, tags: dict[str, Any], *, system_metrics: bool = False,
-                  flush_every: int = 1000, flush_seconds: float = 15.0) -> Iterator[CellRun]:
+                  flush_every: int = 1000, flush_seconds: float = 15.0,
+                  outage_seconds: float = 600.0) -> Iterator[CellRun]:
         """Open a run; it ends FINISHED when the block exits normally, FAILED (error tag + error.txt) otherwise.
 
-        The exception is re-raised: the caller decides whether the grid goes on."""
+        Writes that fail because the tracking server is unreachable are buffered (artifacts copied to a spool
+        folder) and replayed when it answers again; at the end of the block the run waits up to `outage_seconds`
+        for it. Still unreachable: the buffered results stay in ``stepbench-unsent/<run id>/`` and
+        StoreUnreachable is raised. The exception is re-raised: the caller decides whether the grid goes on."""
         all_tags = {k: str(v) for k, v in tags.items()} | _process_tags()
         active = start_mlflow_run(self.uri, experiment_id, name, all_tags, system_metrics)
         if "cell_id" in tags:
@@ -584,6 +610,12 @@ class Store(StoreReader):
         else:
             beat.stop()
             run.flush()
+            if not run.replay(outage_seconds):
+                where = run.spool_to_disk()
+                with contextlib.suppress(Exception):
+                    end_mlflow_run("FAILED")
+                raise StoreUnreachable(f"tracking server {self.uri} unreachable for more than {outage_seconds:.0f} s; "
+                                       f"this cell's results are kept in {where}")
             end_mlflow_run("FINISHED")
 
 
@@ -653,6 +685,96 @@ class CellRun:
         self.flush_seconds = flush_seconds
         self._buffer: list = []
         self._last_flush = time.monotonic()
+        self._pending: list[tuple[str, tuple]] = []  # writes held back while the server is unreachable
+        self._spool: Path | None = None
+
+    # outages ---------------------------------------------------------------------------------------
+    def _write(self, op: str, *args) -> None:
+        """One write to the store, or into the pending list when the server is (or just became) unreachable."""
+        if self._pending:
+            self._pending.append((op, args))
+            return
+        try:
+            self._apply(op, args)
+        except Exception as err:  # noqa: BLE001 - classified below; anything but an outage is re-raised
+            if not _is_outage(err):
+                raise
+            print(f"tracking server unreachable ({type(err).__name__}); buffering this run's results locally",
+                  file=sys.stderr, flush=True)
+            self._pending.append((op, args))
+
+    def _apply(self, op: str, args: tuple) -> None:
+        if op == "batch":
+            metrics, params, tags = args
+            self.client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
+        elif op == "artifact":
+            self.client.log_artifact(self.run_id, *args)
+        elif op == "text":
+            self.client.log_text(self.run_id, *args)
+        elif op == "inputs":
+            self.client.log_inputs(self.run_id, datasets=args[0])
+
+    def _spool_file(self, local_path: str | Path) -> str:
+        """A copy of an artifact that outlives the cell's temporary folder (for a later replay)."""
+        import shutil
+
+        if self._spool is None:
+            self._spool = Path(tempfile.mkdtemp(prefix=f"stepbench-spool-{self.run_id[:8]}-"))
+        dst = self._spool / str(len(self._pending)) / Path(local_path).name  # the artifact keeps its name
+        dst.parent.mkdir()
+        (shutil.copytree if Path(local_path).is_dir() else shutil.copy2)(local_path, dst)
+        return str(dst)
+
+    def replay(self, wait_seconds: float) -> bool:
+        """Send the buffered writes in order, retrying for up to `wait_seconds`; True when none is left."""
+        deadline = time.monotonic() + wait_seconds
+        while self._pending:
+            op, args = self._pending[0]
+            try:
+                self._apply(op, args)
+            except Exception as err:  # noqa: BLE001
+                if not _is_outage(err):
+                    raise
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(min(5.0, max(0.5, wait_seconds / 20)))
+                continue
+            self._pending.pop(0)
+        if self._spool is not None:
+            import shutil
+
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+        return True
+
+    def spool_to_disk(self) -> Path:
+        """Write the unsent results to ``stepbench-unsent/<run id>/`` in the working directory: metrics.csv,
+        params.json, tags.json, texts and artifacts as files. Returns the folder."""
+        import json
+        import shutil
+
+        out = Path("stepbench-unsent") / self.run_id
+        (out / "artifacts").mkdir(parents=True, exist_ok=True)
+        rows, params, tags = [], {}, {}
+        for op, args in self._pending:
+            if op == "batch":
+                metrics, prm, tgs = args
+                rows += [f"{m.key},{m.value!r},{m.step},{m.timestamp}" for m in metrics]
+                params.update({p.key: p.value for p in prm})
+                tags.update({t.key: t.value for t in tgs})
+            elif op == "artifact":
+                local, artifact_dir = args
+                dst = out / "artifacts" / (artifact_dir or "")
+                dst.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if Path(local).is_dir() else shutil.copy2)(local, dst / Path(local).name)
+            elif op == "text":
+                text, artifact_file = args
+                (out / "artifacts" / artifact_file).parent.mkdir(parents=True, exist_ok=True)
+                (out / "artifacts" / artifact_file).write_text(text)
+        (out / "metrics.csv").write_text("key,value,step,timestamp\n" + "\n".join(rows) + "\n")
+        (out / "params.json").write_text(json.dumps(params, indent=1))
+        (out / "tags.json").write_text(json.dumps(tags, indent=1))
+        return out.resolve()
 
     def tracker(self, show_progress: bool = True) -> Tracker:
         return Tracker(self, show_progress=show_progress)
@@ -669,7 +791,7 @@ class CellRun:
     def flush(self) -> None:
         while self._buffer:
             chunk, self._buffer = self._buffer[:_METRICS_PER_BATCH], self._buffer[_METRICS_PER_BATCH:]
-            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            self._write("batch", chunk, [], [])
         self._last_flush = time.monotonic()
 
     # params / tags ------------------------------------------------------------------------------
@@ -678,21 +800,29 @@ class CellRun:
 
         items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
+            self._write("batch", [], items[i:i + _PARAMS_PER_BATCH], [])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)[:_MAX_TAG_LEN]) for k, v in tags.items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
+            self._write("batch", [], [], items[i:i + _PARAMS_PER_BATCH])
 
     # artifacts -----------------------------------------------------------------------------------
     def log_artifact(self, local_path: str | Path, artifact_dir: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_dir)
+        if self._pending:  # the cell's temporary files are gone by the time the server is back: keep a copy
+            self._pending.append(("artifact", (self._spool_file(local_path), artifact_dir)))
+            return
+        try:
+            self._apply("artifact", (str(local_path), artifact_dir))
+        except Exception as err:  # noqa: BLE001
+            if not _is_outage(err):
+                raise
+            self._pending.append(("artifact", (self._spool_file(local_path), artifact_dir)))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._write("text", text, artifact_file)
 
     def log_prompts(self, prompts: list[str], name: str, context: str) -> None:
         """The prompts as a dataset input of this run (mlflow.data.from_pandas, logged by run id, not through the
@@ -712,11 +842,17 @@ class CellRun:
             warnings.simplefilter("ignore", UserWarning)  # "integer column(s)" schema hint: not a model input
             dataset = mlflow.data.from_pandas(frame, name=name)
             entry = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        if self._pending:
+            self._pending.append(("inputs", ([entry],)))
+            return
         for attempt in range(4):
             try:
                 self.client.log_inputs(self.run_id, datasets=[entry])
                 return
             except MlflowException as err:
+                if _is_outage(err):
+                    self._pending.append(("inputs", ([entry],)))
+                    return
                 unique_key_race = "unique" in str(err).lower()  # SQLite "UNIQUE constraint", PostgreSQL "unique constraint"
                 if not unique_key_race or attempt == 3:
                     raise
@@ -735,6 +871,12 @@ class CellRun:
             self.set_tags({"error": f"{type(err).__name__}: {err}"[:_MAX_TAG_LEN]})
         with contextlib.suppress(Exception):
             self.log_text(text, "error.txt")
+        if self._pending:  # the server is down: keep what this cell produced on disk
+            print(f"tracking server unreachable; this cell's results are kept in {self.spool_to_disk()}",
+                  file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                end_mlflow_run(status)
+            return
         end_mlflow_run(status)
 
 

@@ -461,3 +461,75 @@ def test_two_hosts_on_one_store_run_no_cell_twice(tiny_toy, tmp_path):
     hosts = Counter(runs["tags.stepbench.host"])
     assert sum(hosts.values()) == 6 and set(hosts) <= {"node-a", "node-b"}
     print("cells per host:", dict(hosts))
+
+
+# ------------------------------------------------------------------------------------------- server outages
+
+
+@pytest.mark.timeout(900)
+def test_results_survive_a_tracking_server_outage(tiny_toy, tmp_path, monkeypatch):
+    """The server (loopback, SQLite backend) is stopped by its pid while a cell runs. Restarted while the cell waits:
+    every buffered result reaches it and the run is FINISHED. Not restarted: the cell is FAILED (not a crash) and
+    its results are on disk."""
+    import subprocess
+    import sys
+    import threading
+
+    import pandas as pd
+    from helpers import free_port, stop_process_group, wait_healthy
+
+    from bench import tracking
+    from bench.cell import run_cell
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # see the outage at once (default: ~2 min of retries)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+           "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    servers = []
+
+    def start():
+        log = tmp_path / f"server{len(servers)}.log"
+        with open(log, "w") as handle:
+            servers.append(subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}))
+        return servers[-1], log
+
+    def outage(restart: bool):
+        def hook(method, policy, task, budget, tracker):
+            stop_process_group(servers[-1])  # the server goes away in the middle of the cell
+            if restart:
+                threading.Timer(2.0, start).start()
+            return tracker
+        return hook
+
+    try:
+        wait_healthy(*start()[:1], url, tmp_path / "server0.log")
+        back = grids_cfg(tiny_toy, url, "seed=0", "tracking.outage_seconds=300")
+        assert run_cell(back, "outage", train_hook=outage(restart=True)) == "finished"
+        runs = tracking.load_runs(url, "outage")
+        assert runs.status.tolist() == ["FINISHED"]
+        assert runs.filter(like="metrics.eval/").notna().all(axis=None) and runs.filter(like="metrics.eval/").shape[1] > 4
+        scores = pd.read_parquet(tracking.artifact_path(url, runs.run_id[0], "eval/scores.parquet", tmp_path / "dl"))
+        assert len(scores) > 0
+        assert not (tmp_path / "stepbench-unsent").exists()
+
+        wait_healthy(servers[-1], url, tmp_path / f"server{len(servers) - 1}.log")
+        down = grids_cfg(tiny_toy, url, "seed=1", "tracking.outage_seconds=2")
+        assert run_cell(down, "outage", train_hook=outage(restart=False)) == "failed"
+        unsent = list((tmp_path / "stepbench-unsent").iterdir())
+        assert len(unsent) == 1
+        kept = pd.read_parquet(unsent[0] / "artifacts" / "eval" / "scores.parquet")
+        assert len(kept) == len(scores)
+        assert "eval/" in (unsent[0] / "metrics.csv").read_text()
+        assert run_cell(grids_cfg(tiny_toy, url, "seed=2"), "outage") == "failed"  # the next cell: a status, no crash
+    finally:
+        for proc in servers:
+            stop_process_group(proc)
+
+
+def grids_cfg(tiny_toy, uri: str, *extra: str) -> dict:
+    return _cell(tiny_toy, uri, "tracking.system_metrics=false", *extra)

@@ -96,6 +96,9 @@ class TrackingConf:
     """...or at least this often."""
     save_adapter: bool = True
     """Log the trained adapter weights (safetensors) as an artifact."""
+    outage_seconds: float = 600.0
+    """How long a finished cell waits for an unreachable tracking server to flush its buffered results; then they
+    stay in stepbench-unsent/<run id>/ and the cell is FAILED."""
     lease_seconds: float = 300.0
     """A cell's claim in the store: its RUNNING run heartbeats every lease/5 s; another host's run silent for longer
     than this is a dead node's and is reclaimed (bench.tracking.Store)."""
