@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
@@ -93,6 +94,22 @@ def policy_kwargs(cfg: dict, method_config: Any) -> dict[str, Any]:
     if kwargs.get("lora_targets") is not None:
         kwargs["lora_targets"] = tuple(kwargs["lora_targets"])
     return kwargs
+
+
+LAUNCH_ENV = "STEPBENCH_LAUNCH"
+"""Set by bench.run for one launch of a grid (inherited by its worker processes) and tagged on its runs."""
+
+
+def _failed_this_launch(store: tracking.Store, experiment_id: str, cid: str):
+    """A FAILED run of the cell made by this grid launch (and none FINISHED), else None."""
+    launch = os.environ.get(LAUNCH_ENV)
+    if not launch:
+        return None
+    runs = store.cell_runs(experiment_id, cid)
+    if any(r.info.status == "FINISHED" for r in runs):
+        return None
+    failed = [r for r in runs if r.info.status == "FAILED" and r.data.tags.get("stepbench.launch") == launch]
+    return failed[0] if failed else None
 
 
 class NothingTrained(RuntimeError):
@@ -191,7 +208,14 @@ def _run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str,
         "lease_seconds", tracking.DEFAULT_LEASE_SECONDS))
     experiment_id = store.experiment_id(grid)
     if cfg.get("with_base", True) and not grids.is_base(cfg):
-        base_status = run_cell(grids.base_config(cfg), grid, index=index + "(base) " if index else "(base) ")
+        base = grids.base_config(cfg)
+        failed = _failed_this_launch(store, experiment_id, grids.cell_id(base))
+        if failed is not None:  # shared by the grid's jobs: one failure per grid launch, not one per job
+            print(f"{index}(base) skip {grids.cell_run_name(base)}: it FAILED earlier in this grid launch (run "
+                  f"{failed.info.run_id}); not retried", flush=True)
+            base_status = "failed"
+        else:
+            base_status = run_cell(base, grid, index=index + "(base) " if index else "(base) ")
         if base_status == "failed":
             log.warning("the base cell failed; running %s anyway", grids.cell_run_name(cfg))
     cid = grids.cell_id(cfg)
@@ -224,6 +248,8 @@ def _run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str,
             "stepbench_version": tracking.stepbench_version(), "device": cfg["device"],
             "recipe": cfg["recipe"]["name"], **paper_tags(cfg["method"]["name"]), **(tags or {}),
         }
+        if os.environ.get(LAUNCH_ENV):
+            run_tags["stepbench.launch"] = os.environ[LAUNCH_ENV]
         if dp is not None:
             run_tags["world_size"] = dp.world_size
             dp.announce(cid, "run")
@@ -254,9 +280,11 @@ def _run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str,
                         return CellStatus("running-elsewhere")
         except Exception as err:  # noqa: BLE001 - any failure of one cell must not stop the grid
             status = getattr(err, "mlflow_status", "FAILED")
-            if status == "FAILED":
-                log.exception("cell %s failed", name)
-            print(f"{index}{status} {name}: {type(err).__name__}: {err}", flush=True)
+            if status == "FAILED":  # the traceback is in the run's error.txt; the console gets one line
+                log.debug("cell %s failed", name, exc_info=True)
+            first = (str(err).strip().splitlines() or [""])[0]
+            print(f"{index}{status} {name}: {type(err).__name__}: {first} (traceback: the run's error.txt)",
+                  flush=True)
             return CellStatus(status.lower(), None if run is None else run.run_id)
         print(f"{index}done {name} in {time.perf_counter() - tic:.1f} s", flush=True)
         return CellStatus("finished", run.run_id)

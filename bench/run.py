@@ -80,6 +80,7 @@ def _unknown_key_message(err: BaseException, overrides: list[str]) -> str | None
 
 def prepare(overrides: list[str], multirun: bool) -> Plan:
     """Compose and validate every cell of the run; raises ConfigError with one message."""
+    import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -93,6 +94,8 @@ def prepare(overrides: list[str], multirun: bool) -> Plan:
         cells = [grids._plain(grids.compose(job)) for job in jobs]
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_unknown_key_message(err, overrides) or _one_line(err)) from None
+    except yaml.YAMLError as err:  # a config file that is not YAML: where and why, on one line
+        raise ConfigError(f"bad YAML file: {' '.join(str(err).split())}") from None
     for cell in cells:
         check_config(cell)
     check_weights(cells)
@@ -199,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
         os.environ["STEPBENCH_NUM_JOBS"] = str(len(plan.cells))
+        import uuid
+
+        os.environ["STEPBENCH_LAUNCH"] = uuid.uuid4().hex[:12]  # bench.cell.LAUNCH_ENV: a failing base once per launch
         if not follower:
             _open_experiments(plan)
     sys.argv = [sys.argv[0] if sys.argv else "bench.run", *argv]

@@ -719,6 +719,8 @@ class CellRun:
         import shutil
 
         if self._spool is None:
+            import tempfile
+
             self._spool = Path(tempfile.mkdtemp(prefix=f"stepbench-spool-{self.run_id[:8]}-"))
         dst = self._spool / str(len(self._pending)) / Path(local_path).name  # the artifact keeps its name
         dst.parent.mkdir()

@@ -129,7 +129,6 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("argv, message", BAD_VALUES)
 def test_bad_value_refused_in_one_line_before_anything_loads(argv, message, tmp_path, monkeypatch, capsys):
-
     from bench import run as bench_run
 
     monkeypatch.chdir(tmp_path)
@@ -533,3 +532,65 @@ def test_results_survive_a_tracking_server_outage(tiny_toy, tmp_path, monkeypatc
 
 def grids_cfg(tiny_toy, uri: str, *extra: str) -> dict:
     return _cell(tiny_toy, uri, "tracking.system_metrics=false", *extra)
+
+
+# ------------------------------------------------------------------------------------------- failures, briefly
+
+
+def test_a_failing_base_runs_once_per_grid_and_failures_print_one_line(tiny_toy, tmp_path, monkeypatch, capsys):
+    """Three jobs share one base cell whose evaluation hits a full disk: one FAILED base run (not one per job), one
+    console line per failure and no traceback, the method cells still run, and the summary is printed."""
+    import errno
+
+    from bench import cell, tracking
+    from bench import grid as grids
+    from bench import run as bench_run
+
+    execute = cell._execute
+
+    def full_disk(cfg, *args, **kwargs):
+        if grids.is_base(cfg):
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/mlruns/scores.parquet")
+        return execute(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(cell, "_execute", full_disk)
+    monkeypatch.setenv("STEPBENCH_LAUNCH", "")  # restored after main() sets its own
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ["-m", "method=inference_scaling", "train_steps=1,2,4", f"model.path={tiny_toy}", *SMALL,
+            f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/multirun"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_run.main(argv)
+    assert exit_info.value.code == 1
+    out = capsys.readouterr()
+    runs = tracking.load_runs(uri, "adhoc")
+    base = runs[runs.method == "base"]
+    assert base.status.tolist() == ["FAILED"]  # not retried by the 2nd and 3rd job
+    assert sorted(runs[runs.method != "base"].status) == ["FINISHED"] * 3
+    assert "Traceback" not in out.out + out.err
+    failed = [line for line in out.out.splitlines() if "FAILED base/" in line]
+    assert failed == ["[1/3] (base) FAILED base/toy-turbo/toy-all/k0/s0: OSError: [Errno 28] No space left on device: "
+                      "'/data/mlruns/scores.parquet' (traceback: the run's error.txt)"]
+    assert out.out.count("it FAILED earlier in this grid launch") == 2
+    assert "grid adhoc: 4 cells: 1 failed, 3 finished" in out.out
+
+
+def test_bad_yaml_file_is_one_line(tmp_path, monkeypatch, capsys):
+    from bench import grid as grids
+    from bench import run as bench_run
+    from bench import validate
+
+    conf = tmp_path / "conf"
+    shutil.copytree(grids.CONF_DIR, conf)  # a private copy of bench/conf with one broken grid file
+    (conf / "grid" / "broken.yaml").write_text("# @package _global_\nbudget:\n  nfe: [1, 2\n")
+    monkeypatch.setattr(grids, "CONF_DIR", conf)
+    monkeypatch.setattr(validate, "CONF_DIR", conf)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_run.main(["-m", "grid=broken"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bad YAML file: while parsing a flow sequence"), err
+    assert "grid/broken.yaml" in err[0] and list(work.iterdir()) == []
