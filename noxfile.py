@@ -44,6 +44,15 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def smoke(session: nox.Session) -> None:
+    """The first thing to try (about a minute after the install): the 4-cell smoke grid, then its report."""
+    install(session)
+    session.run("python", "-m", "bench.run", "-m", "grid=smoke", *session.posargs, env=ENV)
+    session.run("python", "-m", "reports", "--experiment", "stepbench/smoke", "--out", "report-smoke", env=ENV)
+    session.log("report: report-smoke/index.html; the runs: nox -s mlflow-ui (it prints the runs table's URL)")
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """The toy benchmark grid on CPU (two workers, one torch thread each), then the report."""
     install(session)
@@ -81,10 +90,11 @@ def report(session: nox.Session) -> None:
 
 @nox.session(name="mlflow-ui")
 def mlflow_ui(session: nox.Session) -> None:
-    """The MLflow UI on http://127.0.0.1:5000 over the local store (loopback only)."""
+    """The MLflow UI on http://127.0.0.1:5000 over the local store (loopback only). It prints the URL of each
+    experiment's runs table: MLflow 3 otherwise opens on its GenAI traces page. posargs: e.g. --uri <store>."""
     install(session)
-    session.run("mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1",
-                "--port", os.environ.get("MLFLOW_PORT", "5000"), *session.posargs)
+    session.run("python", "-m", "bench.tracking", "ui", "--port", os.environ.get("MLFLOW_PORT", "5000"),
+                *session.posargs)
 
 
 @nox.session

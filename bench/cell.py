@@ -189,10 +189,11 @@ def _run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str,
     The returned status carries ``run_id``: the run this call made, or the FINISHED run it skipped to. train_hook(method, policy, task, budget, tracker) -> tracker: called just before
     training; the tracker it returns is the one the method gets (bench.sweep reports and prunes through it).
 
-    A base cell is shared by every method cell of its (model, reward, seed): when another worker of this machine is
+    A base cell is shared by every method cell of its (model, reward), whatever their seed and K (so is a best-of-N
+    cell by its jobs of every seed and K: bench.grid.invariant_axes): when another worker of this machine is
     running it, this call returns "running-elsewhere" at once instead of waiting (a method cell trains meanwhile
     and waits for the base only where it needs it, for the gain over base after its evaluation)."""
-    cfg = grids._plain(cfg)
+    cfg = grids.canonical(cfg)  # a cell shared across seeds runs under the canonical seed, whichever job asked
     validate.check_config(cfg)
     reason = grids.not_applicable(cfg)
     if reason is not None:
@@ -220,7 +221,8 @@ def _run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str,
             log.warning("the base cell failed; running %s anyway", grids.cell_run_name(cfg))
     cid = grids.cell_id(cfg)
     name = run_name or grids.cell_run_name(cfg)
-    with cell_lock(store.uri, cid, wait=not grids.is_base(cfg)) as held:
+    # a shared cell (base, best-of-N: one per seed and K) that another worker runs is not waited for here
+    with cell_lock(store.uri, cid, wait=not (grids.is_base(cfg) or grids.is_shared(cfg))) as held:
         if not held:
             print(f"{index}skip {name}: another worker of this machine is running it", flush=True)
             if dp is not None:
@@ -243,7 +245,7 @@ def _run_cell(cfg: Any, grid: str = "adhoc", *, index: str = "", tags: dict[str,
             return CellStatus("running-elsewhere")
         run_tags = {
             "method": cfg["method"]["name"], "model": cfg["model"]["name"], "reward": cfg["reward"]["name"],
-            "train_steps": 0 if grids.is_base(cfg) else grids.resolved_train_steps(cfg), "seed": cfg["seed"],
+            "train_steps": grids.cell_train_steps(cfg), "seed": grids.cell_seed(cfg),
             "grid": grid, "cell_id": cid, "git_commit": tracking.git_commit(),
             "stepbench_version": tracking.stepbench_version(), "device": cfg["device"],
             "recipe": cfg["recipe"]["name"], **paper_tags(cfg["method"]["name"]), **(tags or {}),
@@ -330,7 +332,7 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
     accel.configure_backends(device, cfg.get("tf32", True))
     run.set_tags(provenance_tags(cfg))  # after threads and backends are set: what this cell's arithmetic used
     base = grids.is_base(cfg)
-    k = 0 if base else grids.resolved_train_steps(cfg)
+    k = grids.cell_train_steps(cfg)
     run.log_params(tracking.flatten(cfg) | {"train_steps_resolved": k, "cell_id": grids.cell_id(cfg)})
     config_text = yaml.safe_dump(cfg, sort_keys=False)
     run.log_text(config_text, "config.yaml")

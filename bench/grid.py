@@ -7,8 +7,12 @@ steps, prompt set, rewards),
 policy settings, dtype. Device, threads, batch sizes that only trade memory for speed, tracking and progress
 settings are not part of it, so a cell reruns nowhere else on resume.
 
-The untrained ``base`` cell has no K, budget or method fields: its identity is (model, reward, seed, eval...),
-so every grid evaluates it once per (model, reward, seed) and every method's cell reuses it.
+A cell whose result cannot depend on a grid axis runs once and is shared (issue 18.6): a method's Config names
+those axes in ``invariant_to`` (``SHAREABLE_AXES``: the training seed, K, the training budget, the training
+prompts). ``base`` and ``inference_scaling`` train nothing, so they are invariant to all four: the base cell is
+(model, reward, eval...), evaluated once per grid and reused by every method's cell and seed, and best-of-N runs
+once per (model, reward, search settings), not once per (K, seed). Their identity, run name and tags use the
+canonical values (seed 0, K 0: ``cell_seed``, ``cell_train_steps``), whichever job of the grid ran them.
 
 ``expand(overrides, multirun)`` reproduces Hydra's basic sweeper (grid file's ``hydra.sweeper.params``
 overridden by command-line sweeps) so that bench.run can compose and validate every cell of a grid before the
@@ -30,6 +34,9 @@ NON_SEMANTIC_TOP = ("device", "threads", "progress", "tracking", "with_base", "r
                     "offload_rewards")
 NON_SEMANTIC_EVAL = ("batch_size", "grid_images")
 NON_SEMANTIC_POLICY = ("gradient_checkpointing",)
+# Grid axes a method may declare its result independent of (Config.invariant_to); a cell of such a method is keyed
+# without them and so runs once for all their values.
+SHAREABLE_AXES = ("seed", "train_steps", "budget", "prompts")
 
 
 def _plain(cfg: Any) -> dict:
@@ -52,6 +59,48 @@ def method_non_semantic(method_name: str) -> tuple[str, ...]:
         return ()
 
 
+def invariant_axes(method_name: str) -> tuple[str, ...]:
+    """The grid axes method `method_name`'s result cannot depend on (its Config's ``invariant_to``)."""
+    import methods
+
+    try:
+        axes = tuple(getattr(methods.config_class(method_name), "invariant_to", ()) or ())
+    except (ImportError, ValueError):
+        return ()
+    unknown = sorted(set(axes) - set(SHAREABLE_AXES))
+    if unknown:
+        raise ValueError(f"method {method_name!r}: invariant_to names {unknown}; valid: {', '.join(SHAREABLE_AXES)}")
+    return axes
+
+
+def _axes(cfg: dict) -> tuple[str, ...]:
+    return invariant_axes(cfg["method"]["name"])
+
+
+def is_shared(cfg: Any) -> bool:
+    """True for a cell shared by several jobs of a grid (its method is invariant to the seed or to K)."""
+    return bool({"seed", "train_steps"} & set(_axes(_plain(cfg))))
+
+
+def cell_seed(cfg: dict) -> int:
+    """The training seed in the cell's identity: 0 for a method whose result does not depend on it."""
+    return 0 if "seed" in _axes(cfg) else int(cfg["seed"])
+
+
+def cell_train_steps(cfg: dict) -> int:
+    """K in the cell's identity, run name and tags: 0 for a method whose result does not depend on it."""
+    return 0 if "train_steps" in _axes(cfg) else resolved_train_steps(cfg)
+
+
+def canonical(cfg: Any) -> dict:
+    """The config a shared cell runs with, whichever job of the grid asked for it: the canonical seed (0), so
+    its run's params and tags agree. K stays (it must be a step count the model supports) but is not part of
+    the identity."""
+    cfg = _plain(cfg)
+    cfg["seed"] = cell_seed(cfg)
+    return cfg
+
+
 def resolved_train_steps(cfg: dict) -> int:
     if cfg.get("train_steps") is not None:
         return int(cfg["train_steps"])
@@ -71,7 +120,7 @@ def not_applicable(cfg: Any) -> str | None:
     import methods
 
     cfg = _plain(cfg)
-    if is_base(cfg):
+    if is_base(cfg) or "train_steps" in _axes(cfg):
         return None
     name = cfg["method"]["name"]
     config = methods.make_config(name, **{k: v for k, v in cfg["method"].items() if k != "name"})
@@ -85,6 +134,7 @@ def cell_key(cfg: Any) -> dict:
     cfg = _plain(cfg)
     method = cfg["method"]["name"]
     base = method == BASE
+    axes = set(_axes(cfg))
     skip = set(method_non_semantic(method))
     from bench.validate import method_fields
 
@@ -95,10 +145,10 @@ def cell_key(cfg: Any) -> dict:
         "model": cfg["model"],
         "reward": cfg["reward"],
         "method": {"name": method} if base else {"name": method, **fields},
-        "train_steps": 0 if base else resolved_train_steps(cfg),
-        "seed": int(cfg["seed"]),
-        "budget": None if base else cfg["budget"],
-        "prompts": None if base else cfg["prompts"],
+        "train_steps": cell_train_steps(cfg),
+        "seed": cell_seed(cfg),
+        "budget": None if "budget" in axes else cfg["budget"],
+        "prompts": None if "prompts" in axes else cfg["prompts"],
         "eval": {"splits": [[split, n, seed] for split, n, seed in eval_splits(cfg)], "steps": sorted(ev["steps"]),
                  "prompts": ev["prompts"], "rewards": sorted(set(ev["rewards"]) | {cfg["reward"]["name"]})},
         "policy": {"guidance_scale": policy.get("guidance_scale")} if base else policy,
@@ -126,15 +176,15 @@ def cell_run_name(cfg: Any) -> str:
     from bench.tracking import run_name
 
     cfg = _plain(cfg)
-    k = 0 if is_base(cfg) else resolved_train_steps(cfg)
-    return run_name(cfg["method"]["name"], cfg["model"]["name"], cfg["reward"]["name"], k, int(cfg["seed"]))
+    return run_name(cfg["method"]["name"], cfg["model"]["name"], cfg["reward"]["name"], cell_train_steps(cfg),
+                    cell_seed(cfg))
 
 
 def base_config(cfg: Any) -> dict:
-    """The untrained base cell of the same (model, reward, seed, eval settings)."""
+    """The untrained base cell of the same (model, reward, eval settings), shared by every seed and K."""
     cfg = _plain(cfg)
     cfg["method"] = {"name": BASE}
-    return cfg
+    return canonical(cfg)
 
 
 # --------------------------------------------------------------------------------------------- composition
@@ -197,7 +247,7 @@ def grid_cells(overrides: list[str], *, applicable_only: bool = True) -> list[di
     for job in expand(overrides, True):
         cfg = _plain(compose(job))
         with_base = cfg.get("with_base", True) and not is_base(cfg)
-        for cell in ([base_config(cfg)] if with_base else []) + [cfg]:
+        for cell in ([base_config(cfg)] if with_base else []) + [canonical(cfg)]:
             if applicable_only and not_applicable(cell) is not None:
                 continue
             cid = cell_id(cell)

@@ -90,6 +90,8 @@ class CellPlan:
     """Image-reward forwards at evaluation (incl. verifier calls of a search)."""
     tflop: float
     device: str
+    cell_id: str = ""
+    """bench.grid.cell_id: the key of the cell's results (one planned cell per key)."""
 
 
 @dataclass
@@ -135,13 +137,13 @@ def _guidance(cfg: dict) -> float:
 def cell_plan(cfg: dict, flops: dict[str, float] | None = None) -> CellPlan:
     """NFEs and TFLOPs of one composed cell config."""
     import methods
-    from bench.grid import eval_splits, resolved_train_steps
-    from bench.tracking import run_name
+    from bench import grid as grids
+    from bench.grid import eval_splits
 
     method = cfg["method"]
     name = method["name"]
     cfg_factor = 2 if _guidance(cfg) > 1.0 else 1
-    k = 0 if name == "base" else resolved_train_steps(cfg)
+    k = grids.cell_train_steps(cfg)
     train_nfe = int(cfg["budget"]["nfe"]) if methods.trains(name) else 0
     n = sum(split_n for _, split_n, _ in eval_splits(cfg))  # samples per S over every evaluated split
     eval_nfe = eval_images = verifier_calls = 0
@@ -160,10 +162,19 @@ def cell_plan(cfg: dict, flops: dict[str, float] | None = None) -> CellPlan:
              + eval_nfe * unet + eval_images * vae
              + n * len(cfg["eval"]["steps"]) * sum(REWARD_TFLOP.get(r, 0.0) for r in scorers)
              + verifier_calls * REWARD_TFLOP.get(method.get("verifier") or reward, 0.0))
-    return CellPlan(run_name=run_name(name, cfg["model"]["name"], reward, k, int(cfg["seed"])), method=name,
-                    model=cfg["model"]["name"], reward=reward, train_steps=k, seed=int(cfg["seed"]),
-                    train_nfe=train_nfe, eval_nfe=eval_nfe, eval_images=eval_images, scored_images=scored,
-                    tflop=tflop, device=str(cfg["device"]))
+    return CellPlan(run_name=grids.cell_run_name(cfg), method=name, model=cfg["model"]["name"], reward=reward,
+                    train_steps=k, seed=grids.cell_seed(cfg), train_nfe=train_nfe, eval_nfe=eval_nfe,
+                    eval_images=eval_images, scored_images=scored, tflop=tflop, device=str(cfg["device"]),
+                    cell_id=grids.cell_id(cfg))
+
+
+def cell_work(cfg: dict) -> float:
+    """A cell's length for scheduling (bench.schedule), in NFE-equivalents of its model: training NFEs at
+    TRAIN_NFE_FACTOR plus evaluation NFEs (search candidates included). No FLOP count needed, so it ranks toy
+    cells too; within one grid (one model family) it orders cells as the TFLOP estimate does, up to the VAE
+    and reward terms."""
+    cell = cell_plan(cfg, flops={"unet": 0.0, "vae_decode": 0.0})
+    return cell.train_nfe * TRAIN_NFE_FACTOR + cell.eval_nfe
 
 
 _FLOPS_CACHE: dict[tuple, dict[str, float]] = {}
@@ -258,17 +269,21 @@ def plan(overrides: list[str], multirun: bool = True, *, peak_tflops: float = PE
             unique.setdefault(("cell", *sorted(job)), job)
     groups: OrderedDict[tuple, dict] = OrderedDict()
     result = Plan(grid=name, peak_tflops=peak_tflops, utilisation=utilisation)
+    planned: set[str] = set()  # cell ids: a cell shared across seeds or K (base, best-of-N) is planned once
     with _hydra():
         for job in unique.values():
             group = tuple(sorted(o for o in job if not _override_key(o).startswith(_NFE_NEUTRAL)))
             if group not in groups:
                 groups[group] = grids._plain(grids.compose(job))
                 result.configs.append(groups[group])
-            cfg = _with_values(groups[group], job)
+            cfg = grids.canonical(_with_values(groups[group], job))
             if grids.not_applicable(cfg) is not None:
                 result.not_applicable.append(grids.cell_run_name(cfg))
                 continue
-            result.cells.append(cell_plan(cfg))
+            cid = grids.cell_id(cfg)
+            if cid not in planned:
+                planned.add(cid)
+                result.cells.append(cell_plan(cfg))
     return result
 
 
@@ -321,8 +336,12 @@ def format_plan(p: Plan) -> str:
     for c in cells:
         by_method.setdefault(c.method, []).append(c)
     base = sum(1 for c in cells if c.method == "base")
+    import methods
+
+    search = sum(1 for c in cells if not methods.trains(c.method) and c.method != "base")
     lines = [f"plan of grid {p.grid} (MLflow experiment stepbench/{p.grid}): {len(cells)} cells "
-             f"({base} base + {len(cells) - base} trained)"]
+             f"({base} base + {search} inference scaling + {len(cells) - base - search} trained; the untrained "
+             f"cells run once for every seed and K)"]
     if p.not_applicable:
         methods_na = sorted({name.split("/")[0] for name in p.not_applicable})
         lines.append(f"  n/a: {len(p.not_applicable)} more cells of {', '.join(methods_na)} at a K their method cannot "

@@ -18,6 +18,7 @@ cell's latest run is not FINISHED.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from bench import grid as grids
 from bench.conf.schema import register
 from bench.validate import ConfigError, check_overrides
 
@@ -40,7 +42,9 @@ class Plan:
     grid: str
     multirun: bool
     cells: list[dict] = field(default_factory=list)
-    """Resolved configs of every job, in launch order."""
+    """Resolved configs of every job, in the grid's (Hydra's) order."""
+    jobs: list[list[str]] = field(default_factory=list)
+    """The override list of every job, aligned with ``cells``."""
 
 
 def _one_line(err: BaseException) -> str:
@@ -101,7 +105,7 @@ def prepare(overrides: list[str], multirun: bool) -> Plan:
     check_weights(cells)
     for uri in sorted({cell["tracking"]["uri"] for cell in cells}):
         check_tracking_uri(uri)
-    return Plan(grid=grid, multirun=multirun, cells=cells)
+    return Plan(grid=grid, multirun=multirun, cells=cells, jobs=jobs)
 
 
 def _open_experiments(plan: Plan) -> None:
@@ -173,14 +177,58 @@ def _keep_joblib_worker() -> None:
         executor._MAX_MEMORY_LEAK_SIZE = max(executor._MAX_MEMORY_LEAK_SIZE, 2**40)
 
 
+@contextlib.contextmanager
+def _scheduled(plan: Plan | None):
+    """A multirun launches each distinct cell once, longest first (bench.schedule), under one grid progress bar."""
+    if plan is None:
+        yield
+        return
+    from bench import plan as plans
+    from bench import schedule
+
+    order = schedule.launch_order(plan.cells)
+    dropped = len(plan.cells) - len(order)
+    saved = {key: os.environ.get(key) for key in ("STEPBENCH_NUM_JOBS", "STEPBENCH_PARENT", "STEPBENCH_PROGRESS_ROW")}
+    os.environ["STEPBENCH_NUM_JOBS"] = str(len(order))
+    os.environ["STEPBENCH_PARENT"] = str(os.getpid())  # workers (inheriting it) draw their bars on their own rows
+    if dropped:
+        print(f"grid {plan.grid}: {len(order)} jobs of {len(plan.cells)}: {dropped} would only repeat a shared cell "
+              f"(base, inference scaling: one cell for every seed and K)", flush=True)
+    cells: dict[str, float] = {}
+    for cfg in plan.cells:
+        for cid in schedule.job_cells(cfg):
+            if cid not in cells:
+                cell = cfg if cid == grids.cell_id(cfg) else grids.base_config(cfg)
+                cells[cid] = plans.cell_work(cell)
+    uris = {cfg["tracking"]["uri"] for cfg in plan.cells}
+    show = len(uris) == 1 and all(cfg["progress"] for cfg in plan.cells)
+    try:
+        with schedule.ordered_sweep(plan.jobs, order), \
+                schedule.GridProgress(next(iter(uris)), plan.grid, cells, enabled=show):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> str:
     from bench.cell import run_cell
 
     _keep_joblib_worker()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components..." bars, one per cell: noise
     hc = HydraConfig.get()
     grid = hc.runtime.choices.get("grid") or "adhoc"
     index = ""
+    if os.environ.get("STEPBENCH_PARENT"):  # a grid: this worker's progress bars get their own row
+        from bench.schedule import claim_progress_position
+
+        os.environ["STEPBENCH_PROGRESS_ROW"] = str(claim_progress_position(os.environ["STEPBENCH_PARENT"]))
     if hc.mode is not None and hc.mode.name == "MULTIRUN":
         total = os.environ.get("STEPBENCH_NUM_JOBS", "?")
         index = f"[{int(hc.job.num) + 1}/{total}] "
@@ -208,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         if not follower:
             _open_experiments(plan)
     sys.argv = [sys.argv[0] if sys.argv else "bench.run", *argv]
-    hydra_main()
+    with _scheduled(plan if multirun and not follower else None):
+        hydra_main()
     if plan is not None and not follower and summarize(plan):
         sys.exit(1)
 

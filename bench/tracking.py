@@ -17,8 +17,15 @@ in well under a second.
 Read API (``Store.runs/artifact/scores/metric_history/experiments``, on ``mlflow.search_runs`` and
 ``mlflow.artifacts.download_artifacts``; for a URI: ``load_runs``, ``artifact_path``, ``load_scores``,
 ``metric_history``, ``list_experiments``).
-CLI: ``python -m bench.tracking ui [--uri sqlite:///mlflow.db] [--port 5000]`` starts ``mlflow ui`` on 127.0.0.1;
-``python -m bench.tracking runs --grid toy`` prints a run table.
+CLI: ``python -m bench.tracking ui [--uri sqlite:///mlflow.db] [--port 5000]`` starts ``mlflow ui`` on 127.0.0.1 and
+prints the URL of each stepbench experiment's runs table (``ui_url``); ``python -m bench.tracking runs --grid toy``
+prints a run table.
+
+The MLflow 3 UI opens on an experiment's GenAI "Traces" page unless told otherwise: the installed UI (3.17) takes
+its workflow type from the URL's ``workflowType`` parameter, else from the browser's local storage (default
+"genai"), and no longer from the ``mlflow.experimentKind`` experiment tag; no server flag sets it. So the URLs we
+print carry ``?workflowType=machine_learning`` and point at the ``/runs`` tab. Experiments are still created with
+``mlflow.experimentKind=custom_model_development`` for UIs that read the tag.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ from urllib.parse import urlparse
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_PREFIX = "stepbench/"
+# what the MLflow UI reads to show an experiment's runs table rather than its GenAI traces (see the docstring)
+EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
+UI_QUERY = "workflowType=machine_learning"
 # Tags that identify a cell; reports group by them.
 CELL_TAGS = ("method", "model", "reward", "train_steps", "seed", "grid", "cell_id")
 _PROC_TAGS = ("stepbench.host", "stepbench.pid", "stepbench.pid_start", "stepbench.heartbeat")
@@ -514,12 +524,30 @@ class Store(StoreReader):
         root = _artifact_root(self.uri)
         location = None if root is None else (root / name.replace("/", "-")).as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND_TAG)
         except MlflowException:  # another worker created it first
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 raise
             return exp.experiment_id
+
+    def cell_statuses(self, experiment_id: str) -> dict[str, str]:
+        """{cell_id: status} over the experiment's runs; a cell with any FINISHED run is FINISHED, else its newest
+        run's status (the grid's progress bar polls this)."""
+        out: dict[str, tuple[bool, int, str]] = {}
+        page_token = None
+        while True:
+            page = self.client.search_runs([experiment_id], max_results=1000, page_token=page_token)
+            for run in page:
+                cid = run.data.tags.get("cell_id")
+                if cid is None:
+                    continue
+                rank = (run.info.status == "FINISHED", run.info.start_time or 0, run.info.status)
+                out[cid] = max(out.get(cid, rank), rank)
+            page_token = page.token
+            if not page_token:
+                break
+        return {cid: rank[2] for cid, rank in out.items()}
 
     def cell_runs(self, experiment_id: str, cell_id: str) -> list:
         return list(self.client.search_runs([experiment_id], filter_string=f"tags.cell_id = '{cell_id}'",
@@ -590,6 +618,11 @@ class Store(StoreReader):
         folder) and replayed when it answers again; at the end of the block the run waits up to `outage_seconds`
         for it. Still unreachable: the buffered results stay in ``stepbench-unsent/<run id>/`` and
         StoreUnreachable is raised. The exception is re-raised: the caller decides whether the grid goes on."""
+        import logging
+
+        # the monitor's "Started/Stopping/Successfully terminated system metrics monitoring" INFO lines, 4 per
+        # cell (88 in one toy grid), add nothing on the console; its warnings still show
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         all_tags = {k: str(v) for k, v in tags.items()} | _process_tags()
         active = start_mlflow_run(self.uri, experiment_id, name, all_tags, system_metrics)
         if "cell_id" in tags:
@@ -666,8 +699,10 @@ class Tracker:
     def progress(self, total: int, desc: str) -> Iterator[Callable[..., None]]:
         from tqdm.auto import tqdm
 
+        # each worker of a grid draws on its own row below the grid's bar (bench.schedule.claim_progress_position)
+        row = int(os.environ.get("STEPBENCH_PROGRESS_ROW", "0") or 0)
         bar = tqdm(total=total, desc=desc, leave=False, disable=not self.show_progress, mininterval=1.0,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, position=row)
         try:
             yield lambda n=1: bar.update(n)
         finally:
@@ -920,6 +955,25 @@ def ui_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
     return cmd
 
 
+def ui_url(base: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI page that shows an experiment's runs table (or, without an id, the experiment list) in
+    "model training" mode, e.g. http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning."""
+    base = base.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/experiments?{UI_QUERY}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_QUERY}"
+
+
+def ui_urls(uri: str, base: str) -> list[tuple[str, str]]:
+    """(experiment name, runs-table URL) of every stepbench experiment in a store; [] when the store is empty or
+    not there yet."""
+    if _sqlite_path(uri) is not None and not _sqlite_path(uri).exists():
+        return []
+    client = _client(uri)
+    return [(e.name, ui_url(base, e.experiment_id)) for e in client.search_experiments()
+            if e.name.startswith(EXPERIMENT_PREFIX)]
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -936,6 +990,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "ui":
         cmd = ui_command(args.uri, args.port)
         print(" ".join(cmd), flush=True)
+        base = f"http://127.0.0.1:{args.port}"
+        print(f"open the runs table (not the GenAI traces page MLflow 3 opens on): {ui_url(base)}", flush=True)
+        for name, url in ui_urls(args.uri, base):
+            print(f"  {name}: {url}", flush=True)
         if args.print:
             return 0
         return subprocess.call(cmd)

@@ -19,6 +19,9 @@ class Config:
     """The base method has no knobs."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {"toy": {}}
+    # Trains nothing: the training seed, K, budget and prompts cannot change its samples (the LoRA adapters it
+    # carries start at B = 0), so a grid runs it once and every seed and K shares it (bench.grid.invariant_axes).
+    invariant_to: ClassVar[tuple[str, ...]] = ("seed", "train_steps", "budget", "prompts")
 
     @classmethod
     def search_space(cls) -> dict[str, tuple]:

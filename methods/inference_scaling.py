@@ -64,6 +64,10 @@ class Config:
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {"toy": dict(search="random", num_candidates=4)}
     non_semantic: ClassVar[tuple[str, ...]] = ()
+    # Trains nothing, and its candidate noises come from `seed` above (a method field, part of the cell's
+    # identity) and the shared evaluation noise, not from the cell's training seed: one cell per (model, reward,
+    # search settings) serves every training seed and K of a grid (bench.grid.invariant_axes).
+    invariant_to: ClassVar[tuple[str, ...]] = ("seed", "train_steps", "budget", "prompts")
 
     def __post_init__(self):
         check_choice("search", self.search, ("random", "zero_order", "paths"))

@@ -43,10 +43,11 @@ def standin_cache(sdxl_standin, monkeypatch):
 def test_real_grid_plan_counts_cells_nfes_and_gpu_hours():
     p = planner.plan(["grid=sdxl-turbo"], multirun=True)
     cells = p.cells
-    # 4 rewards x 3 seeds x (1 base + 15 methods x 3 K), minus online PSO, SPO, SPO-x0 and GRPO at K = 1 (they train
-    # at K >= 2: "n/a"); base cells once per (reward, seed), not per K
-    assert len(cells) == 504 and sum(c.method == "base" for c in cells) == 12
-    assert len({c.run_name for c in cells}) == 504
+    # 4 rewards x (1 base + 1 inference scaling + 3 seeds x 14 methods x 3 K), minus online PSO, SPO, SPO-x0 and
+    # GRPO at K = 1 (they train at K >= 2: "n/a"); base and inference scaling once per reward, not per seed and K
+    assert len(cells) == 464 and sum(c.method == "base" for c in cells) == 4
+    assert sum(c.method == "inference_scaling" for c in cells) == 4
+    assert len({c.run_name for c in cells}) == 464
     assert len(p.not_applicable) == 48 and all("/k1/" in name for name in p.not_applicable)
     assert {name.split("/")[0] for name in p.not_applicable} == {"pso", "spo", "spo_reward_x0", "grpo"}
     ddpo = next(c for c in cells if c.method == "ddpo")
@@ -65,7 +66,7 @@ def test_real_grid_plan_counts_cells_nfes_and_gpu_hours():
     assert p.gpu_hours == pytest.approx(sum(c.tflop for c in cells) / (989.4 * 0.4) / 3600, rel=1e-9)
     assert 1000 < p.gpu_hours < 4000
     text = planner.format_plan(p)
-    for fragment in ["504 cells (12 base + 492 trained)", "n/a: 48 more cells", "1.59 TFLOP per NFE", "989.4 TFLOP/s", "40%", "GPU-hours",
+    for fragment in ["464 cells (4 base + 4 inference scaling + 456 trained", "n/a: 48 more cells", "1.59 TFLOP per NFE", "989.4 TFLOP/s", "40%", "GPU-hours",
                      "2,560,000"]:
         assert fragment in text, fragment
 
@@ -110,7 +111,7 @@ def test_real_grid_without_gpu_or_weights_stops_within_seconds(tmp_path):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert out.returncode == planner.NOT_READY, out.stderr
-    assert "504 cells" in out.stdout and "GPU-hours" in out.stdout  # the plan comes first
+    assert "464 cells" in out.stdout and "GPU-hours" in out.stdout  # the plan comes first
     err = out.stderr
     if not torch.cuda.is_available():
         assert "CUDA: the grid runs on device=cuda" in err and "--stand-in" in err
@@ -164,7 +165,7 @@ def test_standin_preflight_passes(standin_cache):
     assert methods == {"base", "ddpo", "diffusion_dpo", "diffusion_dpo_online", "pso", "pso_offline", "spo",
                        "spo_reward_x0", "sdpo", "sdpo_t_eq_k", "sharpening", "sharpening_sft", "sft", "inference_scaling",
                        "grpo", "nft"}
-    assert {c.train_steps for c in p.cells if c.method != "base"} == {1, 2, 4}
+    assert {c.train_steps for c in p.cells if c.method not in ("base", "inference_scaling")} == {1, 2, 4}
     assert {c.device for c in p.cells} == {"cpu"} and {c.reward for c in p.cells} == {"pickscore"}
 
 

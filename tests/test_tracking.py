@@ -39,7 +39,8 @@ def test_run_name_tags_params_metrics_artifacts(finished_store):
     uri, cfg = finished_store
     assert tracking.list_experiments(uri) == ["stepbench/testgrid"]
     runs = tracking.load_runs(uri, "testgrid")
-    assert sorted(runs.run_name) == ["base/toy-turbo/toy-all/k0/s3", "ddpo/toy-turbo/toy-all/k2/s3"]
+    # the base cell does not depend on the training seed: one for every seed, named and tagged with seed 0
+    assert sorted(runs.run_name) == ["base/toy-turbo/toy-all/k0/s0", "ddpo/toy-turbo/toy-all/k2/s3"]
     assert set(runs.status) == {"FINISHED"}
     row = runs[runs.method == "ddpo"].iloc[0]
     assert (row.model, row.reward, row.train_steps, row.seed, row.grid) == ("toy-turbo", "toy-all", 2, 3, "testgrid")
@@ -93,7 +94,7 @@ def test_run_name_tags_params_metrics_artifacts(finished_store):
     # the base run trains nothing: no adapter, no train metrics
     base = runs[runs.method == "base"].iloc[0]
     assert "adapter" not in {a.path for a in client.list_artifacts(base.run_id)}
-    assert base.train_steps == 0
+    assert base.train_steps == 0 and base.seed == 0
     # prompts are the run's dataset inputs
     inputs = client.get_run(row.run_id).inputs.dataset_inputs
     contexts = {[t.value for t in i.tags if t.key == "mlflow.data.context"][0]: i.dataset.name for i in inputs}
