@@ -435,7 +435,8 @@ _GRID_SEEDS = "0,1,2,3,4,5"
 @pytest.mark.slow
 def test_two_hosts_on_one_store_run_no_cell_twice(tiny_toy, tmp_path):
     """Two `bench.run` processes as two machines (different STEPBENCH_HOST_ID, so they share no lock file, only
-    the store) start the same 6-cell grid at once: every cell FINISHED exactly once."""
+    the store) start the same 6-cell grid at once (6 evaluation seeds: base is one cell for every training seed):
+    every cell FINISHED exactly once."""
     import subprocess
     import sys
     from collections import Counter
@@ -444,7 +445,7 @@ def test_two_hosts_on_one_store_run_no_cell_twice(tiny_toy, tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracking.Store(uri)  # (creating the store under its lock is tested above; here the claims are)
-    argv = [sys.executable, "-m", "bench.run", "-m", "method=base", f"seed={_GRID_SEEDS}", f"model.path={tiny_toy}",
+    argv = [sys.executable, "-m", "bench.run", "-m", "method=base", f"eval.seed={_GRID_SEEDS}", f"model.path={tiny_toy}",
             *SMALL, f"tracking.uri={uri}", "grid=adhoc"]
     procs = []
     for host in ("node-a", "node-b"):

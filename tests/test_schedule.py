@@ -54,9 +54,9 @@ def test_no_two_planned_cells_share_a_results_key(grid):
     ks = {j.split("=")[1] for job in jobs for j in job if j.startswith("train_steps=")} or {"4"}
     trained = [c for c in p.cells if methods.trains(c.method)]
     pairs = {(c.model, c.reward) for c in p.cells}
-    methods = {c.method for c in trained}
+    trained_methods = {c.method for c in trained}
     # the trained cells are the full product, less the n/a ones; the untrained ones once per (model, reward)
-    assert len(trained) == len(pairs) * len(methods) * len(seeds) * len(ks) - len(p.not_applicable)
+    assert len(trained) == len(pairs) * len(trained_methods) * len(seeds) * len(ks) - len(p.not_applicable)
     assert len(p.cells) == len(trained) + 2 * len(pairs)
 
 
