@@ -445,7 +445,7 @@ def test_two_hosts_on_one_store_run_no_cell_twice(tiny_toy, tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracking.Store(uri)  # (creating the store under its lock is tested above; here the claims are)
-    argv = [sys.executable, "-m", "bench.run", "-m", "method=base", f"eval.seed={_GRID_SEEDS}", f"model.path={tiny_toy}",
+    argv = [sys.executable, "-m", "bench.run", "-m", "method=base", "eval.seed=" + ",".join(str(10 + int(s)) for s in _GRID_SEEDS.split(",")), f"model.path={tiny_toy}",
             *SMALL, f"tracking.uri={uri}", "grid=adhoc"]
     procs = []
     for host in ("node-a", "node-b"):

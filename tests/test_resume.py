@@ -44,7 +44,7 @@ def test_finished_cell_is_skipped(tiny_toy, tmp_path):
     # the base model does not depend on the training seed: the seed-1 job finds the same cell
     same = grids._plain(grids.compose([*small(tiny_toy, uri), "method=base", "seed=1"]))
     assert run_cell(same, "resume") == "skipped"
-    other = grids._plain(grids.compose([*small(tiny_toy, uri), "method=base", "eval.seed=1"]))
+    other = grids._plain(grids.compose([*small(tiny_toy, uri), "method=base", "eval.seed=2"]))
     assert run_cell(other, "resume") == "finished"
 
 
