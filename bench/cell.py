@@ -321,10 +321,9 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
     import tasks.prompts as prompt_sets
     import tasks.rewards as rewards
     from bench import evaluate as ev
+    from bench.provenance import provenance_tags
     from methods.common import Budget, Task, seed_everything
     from methods.policy import load_policy
-
-    from bench.provenance import provenance_tags
 
     wall = time.perf_counter()
     dp = dp if dp is not None else accel.data_parallel()
