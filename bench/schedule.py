@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 
 def job_cells(cfg: dict) -> list[str]:
@@ -156,25 +157,34 @@ class GridProgress:
 def claim_progress_position(parent: str, slots: int = 64) -> int:
     """A row for this worker's progress bars below the grid bar (tqdm ``position``), so that two workers' bars do
     not overwrite each other: the first free of ``slots`` lock files of the launching process ``parent``. The lock
-    is held until this process exits (the kernel releases it then), so a worker keeps its row for all its cells."""
+    is held until this process exits (the kernel releases it then), so a worker keeps its row for all its cells.
+    The lock files live in a per-user 0700 folder and are opened without following links (as the cell locks)."""
+    import errno
     import fcntl
-    import tempfile
-    from pathlib import Path
+    import os
 
-    if _HELD:  # the in-process launcher runs every job in this process: one row for all of them
-        return _HELD[0][1]
-    folder = Path(tempfile.gettempdir()) / "stepbench-progress" / str(parent)
-    folder.mkdir(parents=True, exist_ok=True)
+    from bench.tracking import _private_dir
+
+    if parent in _HELD:  # the in-process launcher runs every job in this process: one row for all of them
+        return _HELD[parent][1]
+    root = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache")
+    root.mkdir(parents=True, exist_ok=True)
+    folder = _private_dir(_private_dir(root / "stepbench-progress") / str(parent).replace("/", "_"))
     for slot in range(1, slots + 1):
-        handle = open(folder / f"row{slot}.lock", "w")  # noqa: SIM115 - held for the process's lifetime
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(folder / f"row{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # a planted symlink: never followed, that row is skipped
+                continue
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.close()
+            os.close(fd)
             continue
-        _HELD.append((handle, slot))
+        _HELD[parent] = (fd, slot)
         return slot
     return 1
 
 
-_HELD: list[tuple] = []  # (open lock file, row) of this process
+_HELD: dict[str, tuple[int, int]] = {}  # launching process -> (open lock file descriptor, row) of this process

@@ -509,7 +509,7 @@ def test_results_survive_a_tracking_server_outage(tiny_toy, tmp_path, monkeypatc
 
     try:
         wait_healthy(*start()[:1], url, tmp_path / "server0.log")
-        back = grids_cfg(tiny_toy, url, "seed=0", "tracking.outage_seconds=300")
+        back = grids_cfg(tiny_toy, url, "eval.seed=20", "tracking.outage_seconds=300")  # base: one cell per eval seed
         assert run_cell(back, "outage", train_hook=outage(restart=True)) == "finished"
         runs = tracking.load_runs(url, "outage")
         assert runs.status.tolist() == ["FINISHED"]
@@ -519,14 +519,14 @@ def test_results_survive_a_tracking_server_outage(tiny_toy, tmp_path, monkeypatc
         assert not (tmp_path / "stepbench-unsent").exists()
 
         wait_healthy(servers[-1], url, tmp_path / f"server{len(servers) - 1}.log")
-        down = grids_cfg(tiny_toy, url, "seed=1", "tracking.outage_seconds=2")
+        down = grids_cfg(tiny_toy, url, "eval.seed=21", "tracking.outage_seconds=2")
         assert run_cell(down, "outage", train_hook=outage(restart=False)) == "failed"
         unsent = list((tmp_path / "stepbench-unsent").iterdir())
         assert len(unsent) == 1
         kept = pd.read_parquet(unsent[0] / "artifacts" / "eval" / "scores.parquet")
         assert len(kept) == len(scores)
         assert "eval/" in (unsent[0] / "metrics.csv").read_text()
-        assert run_cell(grids_cfg(tiny_toy, url, "seed=2"), "outage") == "failed"  # the next cell: a status, no crash
+        assert run_cell(grids_cfg(tiny_toy, url, "eval.seed=22"), "outage") == "failed"  # the next cell: a status, no crash
     finally:
         for proc in servers:
             stop_process_group(proc)
@@ -559,7 +559,8 @@ def test_a_failing_base_runs_once_per_grid_and_failures_print_one_line(tiny_toy,
     monkeypatch.setenv("STEPBENCH_LAUNCH", "")  # restored after main() sets its own
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    argv = ["-m", "method=inference_scaling", "train_steps=1,2,4", f"model.path={tiny_toy}", *SMALL,
+    argv = ["-m", "method=inference_scaling", "method.num_candidates=2,3,4",  # 3 cells (it does not depend on K)
+            f"model.path={tiny_toy}", *SMALL,
             f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/multirun"]
     with pytest.raises(SystemExit) as exit_info:
         bench_run.main(argv)

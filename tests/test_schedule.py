@@ -85,17 +85,18 @@ def test_launch_order_puts_the_longest_cells_first_and_drops_repeats(tiny_toy):
     names = [grids.cell_run_name(cells[i]) for i in order]
     work = [planner.cell_work(cells[i]) for i in order]
     assert work == sorted(work, reverse=True)
-    # best-of-4 evaluates 4 x the base's evaluation NFEs (4 x 1,024 x (1+2+4+8) = 61,440), more than a trained
-    # cell's 2 x 20,000 training + 15,360 evaluation NFE-equivalents: it goes first
+    # best-of-4 evaluates 4 x the base's evaluation NFEs (4 x (192 + 48) x (1+2+3+4+6+8) = 23,040), more than a
+    # trained cell's 2 x budget.nfe training (2 x 8,000) + 5,760 evaluation NFE-equivalents: it goes first
     base_eval = planner.cell_work(grids.base_config(cells[0]))
+    assert base_eval == (192 + 48) * (1 + 2 + 3 + 4 + 6 + 8)
     assert names[0] == "inference_scaling/toy-turbo/toy-all/k0/s0" and work[0] == 4 * base_eval
-    assert work[1] == 2 * 20_000 + base_eval
+    assert work[1] == 2 * cells[order[1]]["budget"]["nfe"] + base_eval
     # the base job goes (the first job runs the shared base cell before its own), and every other cell once
     planned = planner.plan(["grid=toy"], multirun=True).cells
     assert not any(n.startswith("base/") for n in names)
     assert len(order) == len(set(names)) == len(planned) - 1
     # ties keep the grid's order (method, then seed)
-    assert names[1:3] == ["ddpo/toy-turbo/toy-all/k4/s0", "ddpo/toy-turbo/toy-all/k4/s1"]
+    assert names[1:4] == [f"ddpo/toy-turbo/toy-all/k2/s{s}" for s in range(3)]
 
 
 def test_launch_order_is_longest_processing_time_first_with_n_a_jobs_last():
@@ -192,3 +193,17 @@ def test_base_and_search_samples_do_not_depend_on_the_training_seed(tiny_toy):
     assert not torch.equal(images[0, "adapter"], images[1, "adapter"])  # the seeds did draw different adapters
     for name in ("base", "inference_scaling"):
         assert torch.equal(images[0, name], images[1, name]), name
+
+
+def test_progress_rows_never_follow_a_planted_symlink(tmp_path, monkeypatch):
+    """The row lock files sit in a per-user 0700 folder and are opened with O_NOFOLLOW: a symlink planted as a row's
+    lock file is skipped (the next row is taken) and its target is left untouched."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    folder = tmp_path / "stepbench-progress" / "planted"
+    folder.mkdir(parents=True, mode=0o700)
+    (tmp_path / "stepbench-progress").chmod(0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (folder / "row1.lock").symlink_to(victim)
+    assert schedule.claim_progress_position("planted") == 2
+    assert victim.read_text() == "keep" and (folder / "row1.lock").is_symlink()
