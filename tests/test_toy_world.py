@@ -142,3 +142,25 @@ def test_base_recipe_loss_falls_in_a_few_steps():
             return float(torch.nn.functional.mse_loss(p.unet(x_t, t, class_labels=p.encode_prompt(prompts)).sample, v))
 
     assert loss(pipe) < 0.7 * loss(untrained)
+
+
+def test_readme_toy_model_table_is_measured_json():
+    """The README's toy-model table is measured.json as printed (rounded to 3 decimals): a rebuild that changes the
+    weights without updating the table, or a hand edit of a number, fails here."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rows = re.findall(r"^\| `(toy-base|toy-turbo)` `(all|mean3)`, (test|val) \|(.*)$",
+                      (root / "README.md").read_text(encoding="utf-8"), flags=re.M)
+    assert len(rows) == 6
+    for model, reward, split, rest in rows:
+        measured = json.loads((root / "tasks/toy/weights" / model / "measured.json").read_text())
+        table = measured["rewards" if split == "test" else "rewards_val"]
+        cells = [c.strip() for c in rest.split("|")][:5]
+        for s, cell in zip(("1", "2", "4", "8", "50"), cells):
+            if cell == "—":
+                assert s not in table  # shown as a dash only where nothing was measured
+                continue
+            assert cell == f"{table[s][reward]:.3f}", (model, reward, split, s)
