@@ -479,11 +479,13 @@ def _execute(cfg: dict, run: tracking.CellRun, train_hook: Callable[..., Any] | 
 
 def paper_tags(method: str) -> dict[str, str]:
     """The run's "row vs paper" record (methods.common.Deviation): tags `paper` and `paper_deviations` (JSON list of
-    [deviation, reason, file]), so the report shows the same table as the README without importing methods."""
+    [deviation, reason, file]), so the report shows the same table as the README without importing methods; and
+    the method's display names (`method_label`, `method_short_label`), so a report of old runs keeps them."""
     import json
 
     import methods
 
     cls = methods.method_class(method)
     rows = [[d.what, d.why, d.where] for d in getattr(cls, "deviations", ())]
-    return {"paper": getattr(cls, "paper", ""), "paper_deviations": json.dumps(rows)}
+    return {"paper": getattr(cls, "paper", ""), "paper_deviations": json.dumps(rows),
+            "method_label": methods.label(method), "method_short_label": methods.label(method, short=True)}

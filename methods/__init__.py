@@ -8,7 +8,8 @@
 Every method module defines `@dataclass class Config` (one docstring per field, paper defaults,
 `search_space()` classmethod, optional `presets = {"toy": {...}}` ClassVar), a pure `loss(...)`, and a
 method class `<Name>Method` whose constructor takes the Config, and which names its paper (`paper`) and every way the
-row departs from it (`deviations`, the README's "row vs paper" table). Registration is by lazy import so heavy
+row departs from it (`deviations`, the README's "row vs paper" table), and its display name in reports (`label`,
+optional `short_label` for image-grid rows). Registration is by lazy import so heavy
 dependencies load only when a method is used.
 """
 
@@ -25,7 +26,7 @@ from .common import Budget, BudgetExhausted, NullTracker, PerPromptStatTracker, 
 
 __all__ = [
     "Budget", "BudgetExhausted", "Method", "NullTracker", "PerPromptStatTracker", "Task", "Tracker",
-    "UnknownNameError", "config_class", "deviation_rows", "deviations_markdown", "load", "make_config", "names",
+    "UnknownNameError", "config_class", "deviation_rows", "deviations_markdown", "label", "load", "make_config", "names",
     "presets", "trains",
 ]
 
@@ -34,6 +35,8 @@ __all__ = [
 class Method(Protocol):
     name: ClassVar[str]
     """Registry name ("ddpo", ...)."""
+    label: ClassVar[str]
+    """Display name in reports ("DDPO", ...); a class may add `short_label` for image-grid rows."""
     config: Any
     """The method's Config dataclass instance."""
 
@@ -95,6 +98,12 @@ def method_class(name: str) -> type:
     """The method class registered as `name` (imports its module); UnknownNameError otherwise."""
     entry = _REGISTRY.get(name)
     return entry() if isinstance(entry, _Lazy) else entry
+
+
+def label(name: str, short: bool = False) -> str:
+    """Method `name`'s display name (class attribute `label`; `short_label`, when it has one, with short=True)."""
+    cls = method_class(name)
+    return getattr(cls, "short_label", cls.label) if short else cls.label
 
 
 def config_class(name: str) -> type:

@@ -32,6 +32,8 @@ class BaseMethod:
     """Leaves the policy untouched; `generate` is `default_generate`."""
 
     name: ClassVar[str] = "base"
+    label: ClassVar[str] = "base (untrained)"
+    short_label: ClassVar[str] = "base"
     trains: ClassVar[bool] = False
     Config = Config
     paper: ClassVar[str] = "the untrained base model"

@@ -205,6 +205,7 @@ class DDPOMethod:
     """DDPO_IS (PPO-clip) on the shared sampler; evaluation uses the deterministic default sampler."""
 
     name: ClassVar[str] = "ddpo"
+    label: ClassVar[str] = "DDPO"
     Config = Config
     paper: ClassVar[str] = "Black et al., Training Diffusion Models with Reinforcement Learning (DDPO), arXiv 2305.13301"
     deviations: ClassVar[tuple[Deviation, ...]] = (

@@ -201,6 +201,7 @@ class DiffusionDPOMethod:
     """Diffusion-DPO, offline or online; `generate` is the shared deterministic sampler."""
 
     name: ClassVar[str] = "diffusion_dpo"
+    label: ClassVar[str] = "Diffusion-DPO"
     Config = Config
     paper: ClassVar[str] = "Wallace et al., Diffusion Model Alignment Using Direct Preference Optimization, arXiv 2311.12908"
     deviations: ClassVar[tuple[Deviation, ...]] = (
@@ -363,6 +364,7 @@ class DiffusionDPOOnlineMethod(DiffusionDPOMethod):
     """Diffusion-DPO with source="online" by default (see OnlineConfig)."""
 
     name: ClassVar[str] = "diffusion_dpo_online"
+    label: ClassVar[str] = "Diffusion-DPO (online)"
     Config = OnlineConfig
     deviations: ClassVar[tuple[Deviation, ...]] = (
         Deviation("online pairs: each round samples the CURRENT policy and ranks by the task reward (paper: a fixed "

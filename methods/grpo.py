@@ -313,6 +313,7 @@ class GRPOMethod:
     """GRPO (Flow-GRPO) on the shared sampler; evaluation uses the deterministic default sampler."""
 
     name: ClassVar[str] = "grpo"
+    label: ClassVar[str] = "GRPO (Flow-GRPO)"
     Config = Config
     paper: ClassVar[str] = "Liu et al., Flow-GRPO: Training Flow Matching Models via Online RL, arXiv 2505.05470"
     deviations: ClassVar[tuple[Deviation, ...]] = (

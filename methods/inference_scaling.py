@@ -179,6 +179,7 @@ class InferenceScalingMethod:
     """Trains nothing; `generate` searches initial noises (or paths) against the verifier."""
 
     name: ClassVar[str] = "inference_scaling"
+    label: ClassVar[str] = "Inference scaling"
     trains: ClassVar[bool] = False
     Config = Config
     paper: ClassVar[str] = "Ma et al., Inference-Time Scaling for Diffusion Models beyond Scaling Denoising Steps, arXiv 2501.09732"

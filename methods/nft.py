@@ -295,6 +295,7 @@ class NFTMethod:
     """DiffusionNFT on the shared deterministic sampler; evaluation uses the deterministic default sampler."""
 
     name: ClassVar[str] = "nft"
+    label: ClassVar[str] = "DiffusionNFT"
     Config = Config
     paper: ClassVar[str] = ("Zheng et al., DiffusionNFT: Online Diffusion Reinforcement with Forward Process, "
                             "arXiv 2509.16117")

@@ -245,6 +245,7 @@ class PSOMethod:
     """Pairwise Sample Optimization, online or offline; `generate` is the shared deterministic sampler."""
 
     name: ClassVar[str] = "pso"
+    label: ClassVar[str] = "PSO"
     Config = Config
     paper: ClassVar[str] = "Miao et al., Tuning Timestep-Distilled Diffusion Model Using Pairwise Sample Optimization, arXiv 2410.03190"
     deviations: ClassVar[tuple[Deviation, ...]] = (
@@ -416,6 +417,7 @@ class PSOOfflineMethod(PSOMethod):
     """PSO with mode="offline" by default (see OfflineConfig)."""
 
     name: ClassVar[str] = "pso_offline"
+    label: ClassVar[str] = "PSO (offline)"
     Config = OfflineConfig
     deviations: ClassVar[tuple[Deviation, ...]] = (
         Deviation("without a dataset, targets are the reward-winners among 8 initial-model samples per training "

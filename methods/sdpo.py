@@ -278,6 +278,7 @@ class SDPOMethod:
     """SDPO on the shared sampler; evaluation uses the deterministic default sampler."""
 
     name: ClassVar[str] = "sdpo"
+    label: ClassVar[str] = "SDPO"
     Config = Config
     paper: ClassVar[str] = "Zhang et al., Stepwise Diffusion Policy Optimization, arXiv 2411.11727"
     deviations: ClassVar[tuple[Deviation, ...]] = (
@@ -540,6 +541,7 @@ class SDPOTEqKMethod(SDPOMethod):
     interpolated, so it is close to a paired DDPO."""
 
     name: ClassVar[str] = "sdpo_t_eq_k"
+    label: ClassVar[str] = "SDPO (T = K)"
     Config = TEqKConfig
     deviations: ClassVar[tuple[Deviation, ...]] = (
         Deviation("training trajectories of T = K steps (paper: T = 50, evaluated at 1-8)",

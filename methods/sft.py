@@ -135,6 +135,8 @@ class SFTMethod:
     """Reward-filtered SFT on the policy's own samples; `generate` is the shared deterministic sampler."""
 
     name: ClassVar[str] = "sft"
+    label: ClassVar[str] = "SFT (plain fine-tuning)"
+    short_label: ClassVar[str] = "SFT"
     Config = Config
     paper: ClassVar[str] = "naive baseline (no paper): the plain denoising loss on reward-preferred samples"
     deviations: ClassVar[tuple[Deviation, ...]] = ()

@@ -268,6 +268,7 @@ class SharpeningMethod:
     """Diffusion-Sharpening (SFT or RLHF variant); evaluation uses the deterministic default sampler."""
 
     name: ClassVar[str] = "sharpening"
+    label: ClassVar[str] = "Diffusion-Sharpening (RLHF)"
     Config = Config
     paper: ClassVar[str] = "Tian et al., Diffusion-Sharpening: Fine-tuning Diffusion Models with Denoising Trajectory Sharpening, arXiv 2502.12146"
     deviations: ClassVar[tuple[Deviation, ...]] = (
@@ -504,6 +505,7 @@ class SharpeningSFTMethod(SharpeningMethod):
     """Diffusion-Sharpening with the SFT variant by default (see SFTConfig)."""
 
     name: ClassVar[str] = "sharpening_sft"
+    label: ClassVar[str] = "Diffusion-Sharpening (SFT)"
     Config = SFTConfig
     deviations: ClassVar[tuple[Deviation, ...]] = (
         Deviation("without a dataset, a prompt's start image is the reward-best of 4 initial-model samples, drawn "

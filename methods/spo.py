@@ -322,6 +322,7 @@ class SPOMethod:
     """Step-by-step preference optimisation with a step-aware preference model; `generate` is the shared sampler."""
 
     name: ClassVar[str] = "spo"
+    label: ClassVar[str] = "SPO"
     Config = Config
     paper: ClassVar[str] = "Liang et al., Step-aware Preference Optimization / SPO, arXiv 2406.04314"
     deviations: ClassVar[tuple[Deviation, ...]] = (
@@ -483,6 +484,7 @@ class SPORewardX0Method(SPOMethod):
     """SPO with preference_model="reward_x0" by default (see RewardX0Config)."""
 
     name: ClassVar[str] = "spo_reward_x0"
+    label: ClassVar[str] = "SPO (reward on x̂0, no SPM)"
     Config = RewardX0Config
     deviations: ClassVar[tuple[Deviation, ...]] = (
         Deviation("the task reward on each candidate's decoded x0-prediction picks win / lose (no SPM)",

@@ -1,7 +1,7 @@
 """Figures for the report, as self-contained SVG data URIs (text drawn as paths: no fonts needed to view them).
 
 Each function takes plain numbers (already-computed estimates), so the figures hold no statistics of their own.
-Colours are fixed per method name, so a method has the same colour in every figure of a report.
+Colours follow the registered methods' order (colour()), so a method has the same colour in every figure.
 """
 
 from __future__ import annotations
@@ -16,13 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-PALETTE = {
-    "base": "#222222", "ddpo": "#1f77b4", "sdpo": "#d62728", "diffusion_dpo": "#2ca02c", "spo": "#9467bd", "spo_reward_x0": "#c5b0d5",
-    "pso": "#ff7f0e", "sft": "#8c564b", "sharpening": "#e377c2", "sharpening_sft": "#f7b6d2",
-    "inference_scaling": "#17becf", "diffusion_dpo_online": "#98df8a", "pso_offline": "#ffbb78",
-    "sdpo_t_eq_k": "#ff9896", "grpo": "#bcbd22", "nft": "#393b79",
-}
-_EXTRA = ["#7f7f7f", "#637939", "#8c6d31", "#843c39", "#aec7e8", "#c49c94"]
+BASE_COLOUR = "#222222"  # the reference row
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+           "#393b79", "#98df8a", "#ffbb78", "#ff9896", "#c5b0d5", "#f7b6d2", "#aec7e8", "#c49c94", "#637939",
+           "#8c6d31", "#843c39")
 STYLE = {
     "svg.fonttype": "path", "font.family": "DejaVu Sans", "font.size": 8.5, "axes.titlesize": 9.5,
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.25,
@@ -48,9 +45,16 @@ MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def colour(method: str) -> str:
-    if method in PALETTE:
-        return PALETTE[method]
-    return _EXTRA[sum(map(ord, method)) % len(_EXTRA)]
+    """The method's colour: the palette by the method's place among the registered methods (a method not registered:
+    by a hash of its name), so a method has the same colour in every figure and report."""
+    import zlib
+
+    import methods
+
+    if method == "base":
+        return BASE_COLOUR
+    names = [m for m in methods.names() if m != "base"]
+    return PALETTE[(names.index(method) if method in names else zlib.crc32(method.encode())) % len(PALETTE)]
 
 
 def k_style(k: int, ks: list[int]) -> tuple[str, str]:

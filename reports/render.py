@@ -35,24 +35,34 @@ from reports.frame import (
 )
 
 TEMPLATES = Path(__file__).parent / "templates"
-METHOD_LABELS = {
-    "base": "base (untrained)", "ddpo": "DDPO", "sdpo": "SDPO", "diffusion_dpo": "Diffusion-DPO", "spo": "SPO",
-    "spo_reward_x0": "SPO (reward on x̂0, no SPM)",
-    "pso": "PSO", "sft": "SFT (plain fine-tuning)", "sharpening": "Diffusion-Sharpening (RLHF)",
-    "sharpening_sft": "Diffusion-Sharpening (SFT)", "grpo": "GRPO (Flow-GRPO)", "nft": "DiffusionNFT",
-    "diffusion_dpo_online": "Diffusion-DPO (online)", "pso_offline": "PSO (offline)", "sdpo_t_eq_k": "SDPO (T = K)",
-    "inference_scaling": "Inference scaling",
-}
-SHORT_LABELS = {"base": "base", "sft": "SFT", "inference_scaling": "Inference scaling"}  # image-grid rows
-METHOD_ORDER = list(METHOD_LABELS)
 LEVEL_PCT = int(round(100 * stats.LEVEL))
 PROVENANCE = "provenance."  # run tags bench.cell sets: CPU model and flags, torch build, float settings
 
 
+_labels: dict[str, tuple[str, str]] = {}
+"""method -> (label, short label): the reported runs' own tags (build_context), else the method class's, else the
+name (a method no longer registered, from runs older than the tags)."""
+
+
+def run_labels(runs: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """method -> (label, short label) from the runs' method_label / method_short_label tags (bench.cell), newest run
+    last so it wins."""
+    if "tags.method_label" not in runs.columns:
+        return {}
+    runs = runs.sort_values("start_time") if "start_time" in runs.columns else runs
+    short = runs.get("tags.method_short_label", pd.Series("", index=runs.index)).map(text)
+    return {method: (long, brief or long) for method, long, brief in
+            zip(runs["method"], runs["tags.method_label"].map(text), short) if long}
+
+
 def label(method: str, short: bool = False) -> str:
-    if short and method in SHORT_LABELS:
-        return SHORT_LABELS[method]
-    return METHOD_LABELS.get(method, method)
+    if method not in _labels:
+        import methods
+
+        if method not in methods.names():
+            return method
+        _labels[method] = (methods.label(method), methods.label(method, short=True))
+    return _labels[method][1 if short else 0]
 
 
 def row_name(key: tuple[str, int], short: bool = False) -> str:
@@ -61,8 +71,12 @@ def row_name(key: tuple[str, int], short: bool = False) -> str:
 
 
 def row_order(key: tuple[str, int]) -> tuple:
+    """Registered methods in the registry's (sorted) order, base first; others after them."""
+    import methods
+
+    order = [BASE, *(m for m in methods.names() if m != BASE)]
     method, k = key
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method, k)
+    return (order.index(method) if method in order else len(order), method, k)
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -691,6 +705,8 @@ def build_group(results: Results, key: tuple, *, n_boot: int, seed: int, grid_sa
 def build_context(results: Results, *, n_boot: int = stats.N_BOOT, seed: int = 0, grid_samples: int = 3,
                   figures: bool = True) -> dict:
     runs, scores = results.runs, results.scores
+    _labels.clear()
+    _labels.update(run_labels(runs))
     status = runs["status"].value_counts().to_dict()
     keys = list(_groups(scores)) if len(scores) else []
     many = len({k[0] for k in keys}) > 1

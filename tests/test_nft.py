@@ -199,9 +199,9 @@ def test_registered_with_presets_and_search_space():
 
 
 def test_report_claims_compare_grpo_with_ddpo_and_nft_with_grpo():
-    from reports.render import CLAIMS, METHOD_LABELS
+    from reports.render import CLAIMS, label
 
     claims = {(c.a, c.b): c for c in CLAIMS}
     assert claims[("grpo", "ddpo")].steps == "untrained" and claims[("grpo", "ddpo")].compute is None
     assert claims[("nft", "grpo")].steps == "all" and claims[("nft", "grpo")].compute == "train"
-    assert METHOD_LABELS["grpo"] == "GRPO (Flow-GRPO)" and METHOD_LABELS["nft"] == "DiffusionNFT"
+    assert label("grpo") == "GRPO (Flow-GRPO)" and label("nft") == "DiffusionNFT"

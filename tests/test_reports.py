@@ -89,8 +89,10 @@ def empty_store(root: Path, template: Path | None = None) -> str:
 
 
 def write_store(root: Path, *, template: Path | None = None, failed: bool = True, grid: str = "toy",
-                cells: dict | None = None, tags: dict | None = None, drop: tuple[str, ...] = ()) -> tuple[str, pd.DataFrame]:
-    """A tmp SQLite MLflow store written through bench.tracking; returns (uri, raw per-image records)."""
+                cells: dict | None = None, tags: dict | None = None, drop: tuple[str, ...] = (),
+                method_tags=None) -> tuple[str, pd.DataFrame]:
+    """A tmp SQLite MLflow store written through bench.tracking; returns (uri, raw per-image records).
+    `method_tags(method)`: more tags of that method's runs."""
     uri = empty_store(root, template)
     store = tracking.Store(uri)
     exp = store.experiment_id(grid)
@@ -104,6 +106,7 @@ def write_store(root: Path, *, template: Path | None = None, failed: bool = True
                         cell_id=f"{method[:4]}{k}{seed}abcdef", git_commit="0123456789abcdef", device="cpu",
                         stepbench_version="0.1.0", **{"lib.torch": "2.13.0", "reward.toy-all.scale": "fraction correct",
                                                      "reward.toy-all.source": "tasks.toy.verify"}) | extra
+            tags |= method_tags(method) if method_tags else {}
             tags = {key: value for key, value in tags.items() if key not in drop}
             with store.start_run(exp, name, tags) as run:
                 run.log_params({"eval.n": N_SAMPLES, "eval.grid_images": 8, "eval.seed": 0, "reward.name": REWARDS[0],
@@ -211,7 +214,8 @@ def test_leaderboard_numbers_match_independent_recomputation(grid, which):
     rows = {r[0].text: r for r in tables.leaderboard.rows}
     from reports.render import label
 
-    assert list(rows) == [label(m) for m in CELLS]  # base first, fixed method order
+    order = ["base", "ddpo", "inference_scaling", "pso", "sdpo", "sft"]  # base first, then the registry's order
+    assert list(rows) == [label(m) for m in order]
     headers = tables.leaderboard.headers
     col = {h: i for i, h in enumerate(headers)}
     for method, e in expected.items():
@@ -546,3 +550,39 @@ def test_row_vs_paper_section_reads_the_runs_deviation_tags(grid):
     html = render_html({**grid["context"], "deviations": table})
     assert 'id="paper"' in html and "training trajectories of T = K steps" in html
     assert "The runs carry no row-vs-paper record" in render_html({**grid["context"], "deviations": []})
+
+
+def test_every_method_has_a_label_and_a_colour_and_its_runs_show_the_label(template, tmp_path):
+    """Labels live once, in the method classes (bench.cell logs them as run tags); colours come from a palette by
+    the registry's order. A run's own tag wins (a report of old runs keeps its labels, even of a method no longer
+    registered); a run without the tag falls back to the registered class."""
+    import re
+
+    import methods
+    from bench.cell import paper_tags
+    from reports import plots, render
+
+    names = methods.names()
+    labels = [methods.label(m) for m in names]
+    assert all(labels) and len(set(labels)) == len(names)  # a subclass must not inherit its parent's label
+    colours = [plots.colour(m) for m in names]
+    assert len(set(colours)) == len(names) and all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in colours)
+    assert plots.colour("retired_method") == plots.colour("retired_method") in plots.PALETTE
+
+    def method_tags(method):
+        cell_id = {"cell_id": f"{method}-2-0"}  # the fixture's default cell id takes 4 letters of the name
+        if method == "retired_method":
+            return cell_id | {"method_label": "Retired (as logged)"}
+        return cell_id | ({} if method == "pso" else paper_tags(method))  # pso: runs older than the tags
+
+    cells = {m: (2, [0], [0.01 * i] * len(STEPS)) for i, m in enumerate([*names, "retired_method"])}
+    uri, _ = write_store(tmp_path / "store", template=template, failed=False, cells=cells, method_tags=method_tags)
+    results = load(uri)
+    assert results.runs.set_index("method").loc["ddpo", "tags.method_label"] == "DDPO"
+    html = render_html(build_context(results, n_boot=50))
+    leaderboard = set(re.findall(r"<td[^>]*>([^<]*?)</td>", html))
+    for method in names:
+        assert render.label(method) == methods.label(method)
+        assert methods.label(method).replace("&", "&amp;") in leaderboard, method
+    assert render.label("retired_method") == "Retired (as logged)" and "Retired (as logged)" in leaderboard
+    assert render.label("base", short=True) == "base" and render.label("sft", short=True) == "SFT"
