@@ -4,39 +4,43 @@
     python -m bench.plan -m grid=sdxl-turbo seed=0 --no-check
     python -m bench.plan --count-flops sdxl-turbo           # recount the FLOP constants below (meta device, ~10 s)
 
-The nox sessions ``bench-sdxl-turbo`` / ``bench-sd-turbo`` run this first: it composes a handful of configs (no
-model loaded, no MLflow; each method's Config is built, so its own cost rules apply), prints the plan, then checks that what the cells need is
-here: a CUDA device when they ask for one, the pipeline weights (``model.path`` or the Hugging Face cache) and
-every reward model's weights (training and evaluation rewards). Anything missing is listed with the exact way to
-provide it, and the exit status is 3, within seconds.
+The nox sessions ``bench-sdxl-turbo`` / ``bench-sd-turbo`` run this first: it composes a handful of configs (no model
+loaded, no MLflow), prints the plan, then checks that the cells' CUDA device, pipeline weights (``model.path`` or the
+Hugging Face cache) and reward weights are here; anything missing is listed with the way to provide it (exit 3).
 
-Compute estimate (stated with every plan):
-- NFEs per cell: training = ``budget.nfe`` (an upper bound: methods stop before overspending; a method
-  whose class says ``trains = False``, base and inference scaling, trains nothing); evaluation = samples per S
-  (``eval.n`` + ``eval.val_n`` with both splits) x sum over S of the method's NFEs per image at S
-  (S plain, N*S for best-of-N inference scaling, ...) x 2 with classifier-free guidance.
-- FLOPs: the UNet's forward FLOPs per NFE at the model's resolution (512 px: a 64x64 latent, 77 text tokens,
-  batch 1), counted with ``torch.utils.flop_counter`` on the meta device from the real UNet configs (their parameter
-  counts match the published 2,567,463,684 for SDXL and 865,910,724 for SD 2.1). A training NFE is costed at
-  TRAIN_NFE_FACTOR x that (half sampling forwards at 1x, half forward+backward passes at 3x). Each evaluation
-  image adds a VAE decode and one forward of every scoring reward model; each K-step training trajectory
-  (~ training NFEs / 2K of them) adds a decode and a training-reward forward.
-- GPU-hours = FLOPs / (peak x utilisation) with an H100-class GPU: 989.4 TFLOP/s dense bf16 peak at 40 %
-  model-FLOPs utilisation (both flags). Text encoders, optimizer steps and data movement are not counted.
-  bench.perf's on-paper estimate is this plan.
+Compute estimate: training NFEs = ``budget.nfe`` (an upper bound; none for a method whose class says ``trains =
+False``); evaluation NFEs = samples per S (every evaluated split) x the sum over S of the method Config's own
+``eval_cost`` (S, or N*S for best-of-N search) x 2 with classifier-free guidance. FLOPs: the UNet's forward per NFE
+at 512 px (64x64 latent, 77 tokens, batch 1), counted with ``torch.utils.flop_counter`` on the meta device from the
+real configs (their parameter counts match the published 2,567,463,684 for SDXL and 865,910,724 for SD 2.1); a
+training NFE costs TRAIN_NFE_FACTOR x that (sampling forwards 1x, forward+backward 3x). Each evaluation image adds a
+VAE decode and a forward of every scoring reward model, each K-step training trajectory (~ training NFEs / 2K) a
+decode and a training-reward forward. GPU-hours = FLOPs / (peak x utilisation) on an H100-class GPU (flags); text
+encoders, optimizer steps and data movement are not counted. bench.perf's on-paper estimate is this plan.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import inspect
 import json
 import os
 import sys
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# ----------------------------------------------------------------------------------------------- assumptions
+from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import methods
+import tasks.models as zoo
+from bench import grid as grids
+from bench.validate import ConfigError, check_overrides, method_fields
+from tasks.rewards import aesthetic, clipscore, hpsv2, imagereward, pickscore
+from tasks.rewards.base import _looks_like_path
 
 PEAK_TFLOPS = 989.4  # H100 SXM5, dense bf16 tensor cores (1979 TFLOP/s with 2:4 sparsity, half of it dense)
 UTILISATION = 0.40   # model-FLOPs utilisation assumed for diffusion training/inference at 512 px
@@ -69,8 +73,6 @@ REAL_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("Down
                 up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
 
 
-# ----------------------------------------------------------------------------------------------- the plan
-
 
 @dataclass
 class CellPlan:
@@ -84,24 +86,19 @@ class CellPlan:
     seed: int
     train_nfe: int
     eval_nfe: int
-    eval_images: int
-    """Images decoded at evaluation (incl. search candidates)."""
-    scored_images: int
-    """Image-reward forwards at evaluation (incl. verifier calls of a search)."""
+    eval_images: int  # images decoded at evaluation (incl. search candidates)
+    scored_images: int  # image-reward forwards at evaluation (incl. verifier calls of a search)
     tflop: float
     device: str
-    cell_id: str = ""
-    """bench.grid.cell_id: the key of the cell's results (one planned cell per key)."""
+    cell_id: str = ""  # bench.grid.cell_id: the key of the cell's results (one planned cell per key)
 
 
 @dataclass
 class Plan:
     grid: str
     cells: list[CellPlan] = field(default_factory=list)
-    configs: list[dict] = field(default_factory=list)
-    """One composed config per distinct group of jobs (what the preflight checks)."""
-    not_applicable: list[str] = field(default_factory=list)
-    """Run names of the grid's cells whose method cannot train at their K (bench.grid.not_applicable): not run."""
+    configs: list[dict] = field(default_factory=list)  # one composed config per group of jobs (what preflight checks)
+    not_applicable: list[str] = field(default_factory=list)  # run names of cells whose method cannot train at their K
     peak_tflops: float = PEAK_TFLOPS
     utilisation: float = UTILISATION
 
@@ -111,68 +108,43 @@ class Plan:
 
     def as_dict(self) -> dict:
         return {"grid": self.grid, "cells": [asdict(c) for c in self.cells], "not_applicable": self.not_applicable,
-                "gpu_hours": self.gpu_hours,
-                "peak_tflops": self.peak_tflops, "utilisation": self.utilisation,
+                "gpu_hours": self.gpu_hours, "peak_tflops": self.peak_tflops, "utilisation": self.utilisation,
                 "total_nfe": sum(c.train_nfe + c.eval_nfe for c in self.cells)}
 
 
 def eval_nfe_per_image(method: dict, num_steps: int) -> tuple[int, int, int]:
     """(denoiser calls, decoded images, verifier calls) per evaluation image at S = num_steps, without CFG: the
-    method Config's own ``eval_cost`` (inference scaling's search, methods/inference_scaling.py), else plain
-    sampling: S calls, 1 image, no verifier."""
-    import methods
-    from bench.validate import method_fields
-
+    method Config's own ``eval_cost`` (inference scaling's search), else plain sampling: S calls, 1 image."""
     cost = getattr(methods.make_config(method["name"], **method_fields(method)), "eval_cost", None)
     return cost(num_steps) if cost is not None else (num_steps, 1, 0)
 
 
-def _guidance(cfg: dict) -> float:
-    import tasks.models as zoo
-
-    scale = cfg["policy"].get("guidance_scale")
-    return float(zoo.get(cfg["model"]["name"]).guidance_scale if scale is None else scale)
-
-
 def cell_plan(cfg: dict, flops: dict[str, float] | None = None) -> CellPlan:
     """NFEs and TFLOPs of one composed cell config."""
-    import methods
-    from bench import grid as grids
-    from bench.grid import eval_splits
-
-    method = cfg["method"]
-    name = method["name"]
-    cfg_factor = 2 if _guidance(cfg) > 1.0 else 1
+    method, reward, steps = cfg["method"], cfg["reward"]["name"], cfg["eval"]["steps"]
+    scale = cfg["policy"].get("guidance_scale")
+    cfg_factor = 2 if float(zoo.get(cfg["model"]["name"]).guidance_scale if scale is None else scale) > 1.0 else 1
     k = grids.cell_train_steps(cfg)
-    train_nfe = int(cfg["budget"]["nfe"]) if methods.trains(name) else 0
-    n = sum(split_n for _, split_n, _ in eval_splits(cfg))  # samples per S over every evaluated split
-    eval_nfe = eval_images = verifier_calls = 0
-    for s in cfg["eval"]["steps"]:
-        calls, images, verify = eval_nfe_per_image(method, int(s))
-        eval_nfe += n * calls * cfg_factor
-        eval_images += n * images
-        verifier_calls += n * verify
-    reward = cfg["reward"]["name"]
+    train_nfe = int(cfg["budget"]["nfe"]) if methods.trains(method["name"]) else 0
+    n = sum(split_n for _, split_n, _ in grids.eval_splits(cfg))  # samples per S over every evaluated split
+    calls, images, verify = (sum(c) for c in zip(*(eval_nfe_per_image(method, int(s)) for s in steps)))
+    eval_nfe, eval_images, verifier_calls = n * calls * cfg_factor, n * images, n * verify
     scorers = list(dict.fromkeys([reward, *cfg["eval"]["rewards"]]))
-    scored = n * len(cfg["eval"]["steps"]) * len(scorers) + verifier_calls
     flops = flops or model_flops(cfg)
     unet, vae = flops["unet"], flops["vae_decode"]
-    trajectories = train_nfe / (2 * max(k, 1)) if train_nfe else 0.0
+    trajectories = train_nfe / (2 * max(k, 1))
     tflop = (train_nfe * TRAIN_NFE_FACTOR * unet + trajectories * (vae + REWARD_TFLOP.get(reward, 0.0))
-             + eval_nfe * unet + eval_images * vae
-             + n * len(cfg["eval"]["steps"]) * sum(REWARD_TFLOP.get(r, 0.0) for r in scorers)
+             + eval_nfe * unet + eval_images * vae + n * len(steps) * sum(REWARD_TFLOP.get(r, 0.0) for r in scorers)
              + verifier_calls * REWARD_TFLOP.get(method.get("verifier") or reward, 0.0))
-    return CellPlan(run_name=grids.cell_run_name(cfg), method=name, model=cfg["model"]["name"], reward=reward,
-                    train_steps=k, seed=grids.cell_seed(cfg), train_nfe=train_nfe, eval_nfe=eval_nfe,
-                    eval_images=eval_images, scored_images=scored, tflop=tflop, device=str(cfg["device"]),
-                    cell_id=grids.cell_id(cfg))
+    return CellPlan(run_name=grids.cell_run_name(cfg), method=method["name"], model=cfg["model"]["name"],
+                    reward=reward, train_steps=k, seed=grids.cell_seed(cfg), train_nfe=train_nfe, eval_nfe=eval_nfe,
+                    eval_images=eval_images, scored_images=n * len(steps) * len(scorers) + verifier_calls,
+                    tflop=tflop, device=str(cfg["device"]), cell_id=grids.cell_id(cfg))
 
 
 def cell_work(cfg: dict) -> float:
     """A cell's length for scheduling (bench.schedule), in NFE-equivalents of its model: training NFEs at
-    TRAIN_NFE_FACTOR plus evaluation NFEs (search candidates included). No FLOP count needed, so it ranks toy
-    cells too; within one grid (one model family) it orders cells as the TFLOP estimate does, up to the VAE
-    and reward terms."""
+    TRAIN_NFE_FACTOR plus evaluation NFEs. No FLOP count needed, so it ranks toy cells too."""
     cell = cell_plan(cfg, flops={"unet": 0.0, "vae_decode": 0.0})
     return cell.train_nfe * TRAIN_NFE_FACTOR + cell.eval_nfe
 
@@ -184,17 +156,14 @@ def model_flops(cfg: dict) -> dict[str, float]:
     """TFLOP of one UNet NFE and one VAE decode for the cell's model: the constants for the hub weights, a meta
     count of the local folder's own configs when `model.path` is given (a stand-in is much smaller)."""
     name, path = cfg["model"]["name"], cfg["model"].get("path")
-    key = (name, path)
-    if key not in _FLOPS_CACHE:
-        import tasks.models as zoo
-
+    if (name, path) not in _FLOPS_CACHE:
         if zoo.get(name).family == "toy":  # pixel-space UNet2DModel: no FLOP model here
-            _FLOPS_CACHE[key] = {"unet": 0.0, "vae_decode": 0.0}
+            _FLOPS_CACHE[name, path] = {"unet": 0.0, "vae_decode": 0.0}
         elif path is not None and (Path(path) / "unet" / "config.json").is_file():
-            _FLOPS_CACHE[key] = count_flops(Path(path))
+            _FLOPS_CACHE[name, path] = count_flops(Path(path))
         else:
-            _FLOPS_CACHE[key] = {"unet": UNET_TFLOP.get(name, 0.0), "vae_decode": VAE_DECODE_TFLOP.get(name, 0.0)}
-    return _FLOPS_CACHE[key]
+            _FLOPS_CACHE[name, path] = {"unet": UNET_TFLOP.get(name, 0.0), "vae_decode": VAE_DECODE_TFLOP.get(name, 0.0)}
+    return _FLOPS_CACHE[name, path]
 
 
 def count_flops(source: str | Path) -> dict[str, float]:
@@ -233,10 +202,7 @@ def count_flops(source: str | Path) -> dict[str, float]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- composing
-
-
-def _override_key(line: str) -> str:
+def _key(line: str) -> str:
     return line.lstrip("+~").split("=", 1)[0]
 
 
@@ -244,139 +210,78 @@ def _override_key(line: str) -> str:
 _NFE_NEUTRAL = ("seed", "reward", "train_steps", "tracking", "progress", "threads", "with_base")
 
 
-def _base_job(job: list[str]) -> list[str]:
-    keep = [o for o in job if not _override_key(o).startswith(("method", "train_steps", "budget"))]
-    return keep + ["method=base"]
-
-
 def plan(overrides: list[str], multirun: bool = True, *, peak_tflops: float = PEAK_TFLOPS,
          utilisation: float = UTILISATION) -> Plan:
     """Compose the grid's jobs (one config per group of jobs that differ only in NFE-neutral keys) -> Plan."""
-    from bench import grid as grids
-    from bench.validate import check_overrides
-
     check_overrides(overrides)
-    name = grids.grid_choice(overrides)
-    jobs = grids.expand(overrides, multirun)
     # Base cells: the explicit base jobs plus the base of every trained job (bench.cell runs it first), once each.
-    unique: OrderedDict[tuple, list[str]] = OrderedDict()
-    for job in jobs:
+    unique: dict[tuple, list[str]] = {}
+    for job in grids.expand(overrides, multirun):
         is_base = "method=base" in job
         if is_base or not any(o.lower() == "with_base=false" for o in job):
-            base = _base_job(job)
-            unique.setdefault(("base", *sorted(o for o in base if _override_key(o) != "grid")), base)
+            base = [o for o in job if not _key(o).startswith(("method", "train_steps", "budget"))] + ["method=base"]
+            unique.setdefault(("base", *sorted(o for o in base if _key(o) != "grid")), base)
         if not is_base:
             unique.setdefault(("cell", *sorted(job)), job)
-    groups: OrderedDict[tuple, dict] = OrderedDict()
-    result = Plan(grid=name, peak_tflops=peak_tflops, utilisation=utilisation)
+    groups: dict[tuple, dict] = {}
+    result = Plan(grid=grids.grid_choice(overrides), peak_tflops=peak_tflops, utilisation=utilisation)
     planned: set[str] = set()  # cell ids: a cell shared across seeds or K (base, best-of-N) is planned once
-    with _hydra():
+    with contextlib.ExitStack() as stack:
+        if not GlobalHydra.instance().is_initialized():  # one initialisation for every compose (~0.3 s each)
+            stack.enter_context(initialize_config_dir(config_dir=str(grids.CONF_DIR), version_base="1.3"))
         for job in unique.values():
-            group = tuple(sorted(o for o in job if not _override_key(o).startswith(_NFE_NEUTRAL)))
+            group = tuple(sorted(o for o in job if not _key(o).startswith(_NFE_NEUTRAL)))
             if group not in groups:
                 groups[group] = grids._plain(grids.compose(job))
                 result.configs.append(groups[group])
-            cfg = grids.canonical(_with_values(groups[group], job))
+            cfg = copy.deepcopy(groups[group])  # with the job's own NFE-neutral values (seed, reward name, K)
+            for key, _, value in (line.lstrip("+~").partition("=") for line in job):
+                if key == "seed":
+                    cfg["seed"] = int(value)
+                elif key == "train_steps":
+                    cfg["train_steps"] = None if value == "null" else int(value)
+                elif key == "reward":
+                    cfg["reward"]["name"] = value  # options: the command line's (reward/<name>.yaml files have none)
+            cfg = grids.canonical(cfg)
             if grids.not_applicable(cfg) is not None:
                 result.not_applicable.append(grids.cell_run_name(cfg))
-                continue
-            cid = grids.cell_id(cfg)
-            if cid not in planned:
-                planned.add(cid)
+            elif grids.cell_id(cfg) not in planned:
+                planned.add(grids.cell_id(cfg))
                 result.cells.append(cell_plan(cfg))
     return result
 
 
-def _with_values(cfg: dict, job: list[str]) -> dict:
-    """The group's composed config with the job's own NFE-neutral values (seed, reward name, K)."""
-    import copy
-
-    out = copy.deepcopy(cfg)
-    for line in job:
-        key, _, value = line.lstrip("+~").partition("=")
-        if key == "seed":
-            out["seed"] = int(value)
-        elif key == "train_steps":
-            out["train_steps"] = None if value == "null" else int(value)
-        elif key == "reward":
-            out["reward"]["name"] = value  # options: the command line's (reward/<name>.yaml files have none)
-    return out
-
-
-class _hydra:
-    """One Hydra initialisation for many compose calls (each init costs ~0.3 s on a busy box)."""
-
-    def __enter__(self):
-        from hydra import initialize_config_dir
-        from hydra.core.global_hydra import GlobalHydra
-
-        from bench.grid import CONF_DIR
-
-        self._ctx = None
-        if not GlobalHydra.instance().is_initialized():
-            self._ctx = initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3")
-            self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-
-
-# ----------------------------------------------------------------------------------------------- printing
-
-
-def _fmt(n: float) -> str:
-    return f"{n:,.0f}"
-
-
 def format_plan(p: Plan) -> str:
-    cells = p.cells
-    by_method: OrderedDict[str, list[CellPlan]] = OrderedDict()
+    cells, by_method = p.cells, {}
     for c in cells:
         by_method.setdefault(c.method, []).append(c)
-    base = sum(1 for c in cells if c.method == "base")
-    import methods
-
-    search = sum(1 for c in cells if not methods.trains(c.method) and c.method != "base")
+    base = sum(c.method == "base" for c in cells)
+    search = sum(not methods.trains(c.method) and c.method != "base" for c in cells)
     lines = [f"plan of grid {p.grid} (MLflow experiment stepbench/{p.grid}): {len(cells)} cells "
              f"({base} base + {search} inference scaling + {len(cells) - base - search} trained; the untrained "
              f"cells run once for every seed and K)"]
     if p.not_applicable:
-        methods_na = sorted({name.split("/")[0] for name in p.not_applicable})
-        lines.append(f"  n/a: {len(p.not_applicable)} more cells of {', '.join(methods_na)} at a K their method cannot "
-                     f"train at (not run, not counted), e.g. {p.not_applicable[0]}")
-    cfg = p.configs[0] if p.configs else {}
-    if cfg:
-        models = sorted({c.model for c in cells})
-        rewards = sorted({c.reward for c in cells})
-        ks = sorted({c.train_steps for c in cells if c.method != "base"})
-        seeds = sorted({c.seed for c in cells})
-        lines.append(f"  model {', '.join(models)}; training rewards {', '.join(rewards)}; K = {ks}; seeds {seeds}; "
-                     f"device {cfg['device']}, dtype {cfg['dtype']}")
-        from bench.grid import eval_splits
-
-        per_split = ", ".join(f"{split} n = {n} (noise seed {seed})" for split, n, seed in eval_splits(cfg))
+        lines.append(f"  n/a: {len(p.not_applicable)} more cells of "
+                     f"{', '.join(sorted({name.split('/')[0] for name in p.not_applicable}))} at a K their method "
+                     f"cannot train at (not run, not counted), e.g. {p.not_applicable[0]}")
+    if p.configs:
+        cfg, rewards = p.configs[0], sorted({c.reward for c in cells})
+        lines.append(f"  model {', '.join(sorted({c.model for c in cells}))}; training rewards {', '.join(rewards)}; "
+                     f"K = {sorted({c.train_steps for c in cells if c.method != 'base'})}; seeds "
+                     f"{sorted({c.seed for c in cells})}; device {cfg['device']}, dtype {cfg['dtype']}")
+        per_split = ", ".join(f"{split} n = {n} (noise seed {seed})" for split, n, seed in grids.eval_splits(cfg))
         lines.append(f"  evaluation: S = {list(cfg['eval']['steps'])}; per S on {cfg['eval']['prompts']}: {per_split}; "
                      f"scored by {', '.join(dict.fromkeys([*rewards, *cfg['eval']['rewards']]))}")
     head = f"  {'method':<18} {'cells':>6} {'train NFE/cell':>15} {'eval NFE/cell':>14} {'total NFE':>16} {'GPU-h':>9}"
     lines += [head, "  " + "-" * (len(head) - 2)]
-    scale = 1.0 / (p.peak_tflops * p.utilisation) / 3600.0
-    for method, group in by_method.items():
-        train = max(c.train_nfe for c in group)
-        ev = max(c.eval_nfe for c in group)
+    hours = 1.0 / (p.peak_tflops * p.utilisation) / 3600.0
+    for method, group in [*by_method.items(), ("total", cells)]:
         total = sum(c.train_nfe + c.eval_nfe for c in group)
-        hours = sum(c.tflop for c in group) * scale
-        lines.append(f"  {method:<18} {len(group):>6} {_fmt(train):>15} {_fmt(ev):>14} {_fmt(total):>16} {hours:>9,.1f}")
-    total = sum(c.train_nfe + c.eval_nfe for c in cells)
-    lines.append(f"  {'total':<18} {len(cells):>6} {'':>15} {'':>14} {_fmt(total):>16} {p.gpu_hours:>9,.1f}")
-    seen: set = set()
-    for cfg_ in p.configs:
-        key = (cfg_["model"]["name"], cfg_["model"].get("path"))
-        if key in seen:
-            continue
-        seen.add(key)
-        flops = model_flops(cfg_)
+        per_cell = (f"{max(c.train_nfe for c in group):>15,} {max(c.eval_nfe for c in group):>14,}"
+                    if method != "total" else f"{'':>15} {'':>14}")
+        lines.append(f"  {method:<18} {len(group):>6} {per_cell} {total:>16,} {sum(c.tflop for c in group) * hours:>9,.1f}")
+    for key, cfg in {(c["model"]["name"], c["model"].get("path")): c for c in p.configs}.items():
+        flops = model_flops(cfg)
         if not flops["unet"]:
             lines.append(f"  assumed throughput: none for {key[0]} (a CPU-sized model; GPU-hours are not estimated)")
             continue
@@ -393,65 +298,39 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------- preflight
-
-
 @dataclass
 class Missing:
     """One thing a grid needs that is not on this machine."""
 
-    what: str
-    """Who needs it: "CUDA", "model sdxl-turbo", "reward pickscore (PickScore model)", ..."""
-    detail: str = ""
-    """CUDA / local-path problems: the full message."""
-    repo: str | None = None
-    """Hub repository to download (absent from the cache)."""
-    filename: str | None = None
-    """A single file of `repo` (None: the whole repository)."""
-    local: str | None = None
-    """The config override that points at a local copy instead."""
-
-
-def _hub_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
+    what: str  # who needs it: "CUDA", "model sdxl-turbo", "reward pickscore (PickScore model)", ...
+    detail: str = ""  # CUDA / local-path problems: the full message
+    repo: str | None = None  # hub repository to download (absent from the cache)
+    filename: str | None = None  # a single file of `repo` (None: the whole repository)
+    local: str | None = None  # the config override that points at a local copy instead
 
 
 def _cached_snapshot(repo: str) -> Path | None:
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo, local_files_only=True))
     except Exception:  # LocalEntryNotFoundError and friends: not cached
         return None
 
 
-def _cached_file(repo: str, filename: str) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, filename)
-    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
-
-
-_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer_config.json")
-_NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(any(folder.glob(pattern)) for pattern in _WEIGHT_GLOBS)
+    return any(any(folder.glob(p)) for p in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json"))
 
 
 def _incomplete(folder: Path) -> list[str]:
     """Components of a pipeline folder whose files are missing (an interrupted download, a partial copy)."""
-    index = json.loads((folder / "model_index.json").read_text())
     missing = []
-    for component, value in index.items():
+    for component, value in json.loads((folder / "model_index.json").read_text()).items():
         if component.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
         sub = folder / component
-        if component in _NETWORKS and not (sub.is_dir() and _has_weights(sub)):
+        if component in ("unet", "vae", "text_encoder", "text_encoder_2") and not (sub.is_dir() and _has_weights(sub)):
             missing.append(f"{component}/ weights")
         elif component.startswith("tokenizer") and not any((sub / f).is_file() for f in _TOKENIZER_FILES):
             missing.append(f"{component}/ files")
@@ -460,8 +339,6 @@ def _incomplete(folder: Path) -> list[str]:
 
 def check_pipeline(model: str, path: str | None) -> Missing | None:
     """None if the pipeline's weights are here (model.path, or the Hugging Face cache)."""
-    import tasks.models as zoo
-
     spec = zoo.get(model)
     who = f"model {model}"
     if path is not None:
@@ -480,47 +357,27 @@ def check_pipeline(model: str, path: str | None) -> Missing | None:
 
 
 def _reward_needs(name: str, options: dict) -> list[tuple[str, str, str, str]]:
-    """(option, default hub repo, kind, what) for each weight source a reward loads; kind is "model" (a
-    save_pretrained folder with weights), "tokenizer" (a folder without) or a file name inside the repo.
-    Read from the reward modules' own constants so the check follows them."""
-    if name == "pickscore":
-        from tasks.rewards import pickscore as m
-
-        return [("path", m.MODEL_ID, "model", "PickScore model"),
-                ("processor_path", m.PROCESSOR_ID, "tokenizer", "CLIP-H tokenizer")]
-    if name == "hpsv2":
-        import inspect
-
-        from tasks.rewards import hpsv2 as m
-
-        default = inspect.signature(m.HPSv2Reward.__init__).parameters["version"].default
-        filename = m.HPS_FILES.get(options.get("version", default), m.HPS_FILES[default])
-        return [("path", m.HPS_REPO, filename, "HPS checkpoint"),
-                ("tokenizer_path", m.TOKENIZER_ID, "tokenizer", "OpenCLIP ViT-H-14 tokenizer")]
-    if name == "imagereward":
-        from tasks.rewards import imagereward as m
-
-        return [("path", m.REPO, m.CHECKPOINT, "ImageReward checkpoint"),
-                ("tokenizer_path", m.TOKENIZER_ID, "tokenizer", "BERT tokenizer")]
-    if name == "aesthetic":
-        from tasks.rewards import aesthetic as m
-
-        return [("clip_path", m.CLIP_ID, "model", "CLIP ViT-L/14"), ("path", m.MLP_REPO, m.MLP_FILE, "aesthetic MLP")]
-    if name == "clipscore":
-        from tasks.rewards import clipscore as m
-
-        return [("path", m.MODEL_ID, "model", "CLIP ViT-L/14")]
-    return []  # weight-free rewards (jpeg, toy verifiers)
+    """(option, default hub repo, kind, what) for each weight source a reward loads, from the reward modules' own
+    constants; kind is "model" (a save_pretrained folder with weights), "tokenizer" (a folder without) or a file name
+    inside the repo. [] for weight-free rewards (jpeg, toy verifiers)."""
+    version = inspect.signature(hpsv2.HPSv2Reward.__init__).parameters["version"].default
+    hps_file = hpsv2.HPS_FILES.get(options.get("version", version), hpsv2.HPS_FILES[version])
+    return {"pickscore": [("path", pickscore.MODEL_ID, "model", "PickScore model"),
+                          ("processor_path", pickscore.PROCESSOR_ID, "tokenizer", "CLIP-H tokenizer")],
+            "hpsv2": [("path", hpsv2.HPS_REPO, hps_file, "HPS checkpoint"),
+                      ("tokenizer_path", hpsv2.TOKENIZER_ID, "tokenizer", "OpenCLIP ViT-H-14 tokenizer")],
+            "imagereward": [("path", imagereward.REPO, imagereward.CHECKPOINT, "ImageReward checkpoint"),
+                            ("tokenizer_path", imagereward.TOKENIZER_ID, "tokenizer", "BERT tokenizer")],
+            "aesthetic": [("clip_path", aesthetic.CLIP_ID, "model", "CLIP ViT-L/14"),
+                          ("path", aesthetic.MLP_REPO, aesthetic.MLP_FILE, "aesthetic MLP")],
+            "clipscore": [("path", clipscore.MODEL_ID, "model", "CLIP ViT-L/14")]}.get(name, [])
 
 
 def check_reward(name: str, options: dict, *, training: bool) -> list[Missing]:
     """What reward `name` (loaded with `options`) would not find; [] when every weight file is here."""
-    from tasks.rewards.base import _looks_like_path
-
     problems = []
     for option, repo, kind, what in _reward_needs(name, options):
-        who = f"reward {name} ({what})"
-        given = options.get(option)
+        who, given = f"reward {name} ({what})", options.get(option)
         if given is not None:
             if Path(str(given)).expanduser().exists():
                 continue
@@ -528,19 +385,17 @@ def check_reward(name: str, options: dict, *, training: bool) -> list[Missing]:
                 problems.append(Missing(who, f"reward.options.{option}={given} does not exist"))
                 continue
             repo = str(given)  # a hub id given as the option
+        folder = kind in ("model", "tokenizer")
+        found = _cached_snapshot(repo) if folder else try_to_load_from_cache(repo, kind)
         if kind == "model":
-            found = _cached_snapshot(repo)
             ok = found is not None and (found / "config.json").is_file() and _has_weights(found)
         elif kind == "tokenizer":
-            found = _cached_snapshot(repo)
             ok = found is not None and any((found / f).is_file() for f in _TOKENIZER_FILES)
         else:
-            ok = _cached_file(repo, kind) is not None
+            ok = isinstance(found, str) and Path(found).is_file()
         if not ok:
-            local = (f"+reward.options.{option}=/path/to/{repo.split('/')[-1] if kind in ('model', 'tokenizer') else kind}"
-                     if training else None)
-            problems.append(Missing(who, repo=repo, filename=None if kind in ("model", "tokenizer") else kind,
-                                    local=local))
+            local = f"+reward.options.{option}=/path/to/{repo.split('/')[-1] if folder else kind}" if training else None
+            problems.append(Missing(who, repo=repo, filename=None if folder else kind, local=local))
     return problems
 
 
@@ -568,15 +423,10 @@ def check_cuda(devices: list[str], grid: str = "<grid>") -> Missing | None:
 
 def preflight(p: Plan) -> list[Missing]:
     """Everything the plan's cells need that is not here (empty when the grid can start)."""
-    problems: list[Missing] = []
-    cuda = check_cuda(sorted({str(c["device"]) for c in p.configs}), p.grid)
-    if cuda:
-        problems.append(cuda)
-    for key in dict.fromkeys((c["model"]["name"], c["model"].get("path")) for c in p.configs):
-        missing = check_pipeline(*key)
-        if missing:
-            problems.append(missing)
-    wanted: OrderedDict[tuple, tuple[str, dict, bool]] = OrderedDict()
+    found = [check_cuda(sorted({str(c["device"]) for c in p.configs}), p.grid)]
+    found += [check_pipeline(*key) for key in dict.fromkeys((c["model"]["name"], c["model"].get("path"))
+                                                              for c in p.configs)]
+    wanted: dict[tuple, tuple[str, dict, bool]] = {}
     option_sets = dict.fromkeys(json.dumps(c["reward"].get("options") or {}, sort_keys=True) for c in p.configs)
     for cell in p.cells:  # training rewards, with the options the run gives them
         for text in option_sets:
@@ -585,6 +435,7 @@ def preflight(p: Plan) -> list[Missing]:
         for name in cfg["eval"]["rewards"]:
             if not any(key[0] == name for key in wanted):
                 wanted.setdefault((name, "{}"), (name, {}, False))
+    problems = [m for m in found if m is not None]
     for name, options, training in wanted.values():
         problems.extend(check_reward(name, options, training=training))
     return problems
@@ -593,45 +444,34 @@ def preflight(p: Plan) -> list[Missing]:
 def format_missing(grid: str, problems: list[Missing]) -> str:
     """The preflight's message: each problem, then the exact commands that provide the missing weights."""
     lines = [f"error: grid {grid} cannot start here; nothing was loaded or logged. Missing:"]
-    for m in problems:
-        if m.repo is None:
-            lines.append(f"  - {m.what}: {m.detail}")
-    downloads: OrderedDict[tuple, list[Missing]] = OrderedDict()
+    lines += [f"  - {m.what}: {m.detail}" for m in problems if m.repo is None]
+    downloads: dict[tuple, list[Missing]] = {}
     for m in problems:
         if m.repo is not None:
             downloads.setdefault((m.repo, m.filename), []).append(m)
     if downloads:
-        lines.append(f"  - weights not in the Hugging Face cache ({_hub_cache_dir()}):")
+        lines.append(f"  - weights not in the Hugging Face cache ({constants.HF_HUB_CACHE}):")
         for (repo, filename), who in downloads.items():
             target = f"{repo} {filename}" if filename else repo
             lines.append(f"      {target:<58} needed by {', '.join(dict.fromkeys(m.what for m in who))}")
         lines.append("    download them once, on a machine with network access (the same HF_HOME / HF_HUB_CACHE as "
                      "the run):")
-        for repo, filename in downloads:
-            lines.append(f"      hf download {repo}" + (f" {filename}" if filename else ""))
+        lines += [f"      hf download {repo}" + (f" {filename}" if filename else "") for repo, filename in downloads]
         lines.append("    (huggingface_hub < 1.0: `huggingface-cli download ...` instead of `hf download ...`; run "
                      "`hf auth login` / `huggingface-cli login` first if a repository asks you to accept its licence)")
-        local: OrderedDict[str, list[str]] = OrderedDict()
-        for ms in downloads.values():
-            for m in ms:
-                if m.local:
-                    owner = m.what.split(" (")[0]
-                    local.setdefault(owner, [])
-                    if m.local not in local[owner]:
-                        local[owner].append(m.local)
+        local: dict[str, dict[str, None]] = {}
+        for m in (m for ms in downloads.values() for m in ms if m.local):
+            local.setdefault(m.what.split(" (")[0], {})[m.local] = None
         if local:
             lines.append("    or point the config at local copies (save_pretrained folders, checkpoint files):")
             for owner, values in local.items():
-                scope = f" (with {owner.replace('reward ', 'reward=')} as the one training reward)" if owner.startswith(
-                    "reward") else ""
+                scope = (f" (with {owner.replace('reward ', 'reward=')} as the one training reward)"
+                         if owner.startswith("reward") else "")
                 lines.append(f"      {owner}{scope}: {' '.join(values)}")
         lines.append("    (evaluation rewards in eval.rewards load by hub id from the cache; HF_HUB_OFFLINE=1 keeps "
                      "every process off the network)")
     lines.append("`python -m bench.plan ... --no-check` prints the plan without this check.")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -651,8 +491,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
-    from bench.validate import ConfigError
-
     try:
         p = plan(overrides, args.multirun, peak_tflops=args.peak_tflops, utilisation=args.utilisation)
     except ConfigError as err:

@@ -130,44 +130,45 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
-def check_uri(uri: str, timeout: float = 3.0) -> None:
+def check_uri(uri: str, timeout: float = 3.0, *, what: str = "tracking URI",
+              hint: str = "start the server or pass tracking.uri=sqlite:///mlflow.db") -> None:
     """Fail fast on a tracking URI that cannot work; talks only to the URI's own host.
 
     sqlite: the database's directory must exist (or be creatable) and be writable. http(s)/databases: a TCP
-    connection to host:port within ``timeout`` seconds. file: accepted as is (MLflow decides).
+    connection to host:port within ``timeout`` seconds. file: accepted as is (MLflow decides). `what` names the
+    setting in the messages and `hint` is the advice for an unreachable host (bench.sweep checks its storage here).
     """
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+")[0]
     if scheme == "sqlite":
         path = _sqlite_path(uri)
         if path is None or str(path) in ("", ":memory:"):
-            raise TrackingURIError(f"tracking URI {uri!r}: expected sqlite:///<path to .db file>")
+            raise TrackingURIError(f"{what} {uri!r}: expected sqlite:///<path to .db file>")
         if path.is_dir():
-            raise TrackingURIError(f"tracking URI {uri!r}: {path} is a directory; name the database file inside it, "
+            raise TrackingURIError(f"{what} {uri!r}: {path} is a directory; name the database file inside it, "
                                    f"e.g. sqlite:///{(path / 'mlflow.db').resolve()}")
         parent = path.resolve().parent
         existing = parent
         while not existing.exists():
             existing = existing.parent
         if not existing.is_dir():
-            raise TrackingURIError(f"tracking URI {uri!r}: {existing} is a file, not a directory")
+            raise TrackingURIError(f"{what} {uri!r}: {existing} is a file, not a directory")
         if not os.access(existing, os.W_OK):
-            raise TrackingURIError(f"tracking URI {uri!r}: directory {parent} is not writable")
+            raise TrackingURIError(f"{what} {uri!r}: directory {parent} is not writable")
         return
     if scheme in ("", "file"):
         return
     if scheme in DEFAULT_PORTS:
         if not parsed.hostname:
-            raise TrackingURIError(f"tracking URI {uri!r} names no host")
+            raise TrackingURIError(f"{what} {uri!r} names no host")
         problem = unreachable(uri, timeout)
         if problem:
-            raise TrackingURIError(f"tracking URI {uri!r} is unreachable ({problem}); start the server or pass "
-                                   f"tracking.uri=sqlite:///mlflow.db")
+            raise TrackingURIError(f"{what} {uri!r} is unreachable ({problem}); {hint}")
         return
     if scheme == "databricks":
         return
     raise TrackingURIError(
-        f"tracking URI {uri!r}: unknown scheme {parsed.scheme!r}; use sqlite:///<file>, http(s)://host:port, "
+        f"{what} {uri!r}: unknown scheme {parsed.scheme!r}; use sqlite:///<file>, http(s)://host:port, "
         f"or a database URL"
     )
 

@@ -8,18 +8,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bench.validate import ConfigError
+import methods
+from bench.validate import ConfigError, method_fields
 
 KINDS = ("float", "log_float", "int", "log_int", "categorical")
-
 
 
 @dataclass(frozen=True)
 class Dim:
     """One searched parameter."""
 
-    key: str
-    """A method field ("lr") or a config path under policy ("policy.lora_alpha")."""
+    key: str  # a method field ("lr") or a config path under policy ("policy.lora_alpha")
     kind: str
     low: Any = None
     high: Any = None
@@ -51,10 +50,6 @@ class Dim:
         return f"{self.key} ~ {self.kind}[{self.low}, {self.high}]" + (f" step {self.step}" if self.step else "")
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def parse_dim(method: str, key: str, spec: Any) -> Dim:
     """("log_float", 1e-5, 1e-3) | ("int", 1, 8[, step]) | ("categorical", [a, b, ...]) -> Dim; ConfigError otherwise."""
     where = f"search space of {method}: {key}"
@@ -73,13 +68,13 @@ def parse_dim(method: str, key: str, spec: Any) -> Dim:
         if len(set(map(repr, choices))) != len(choices):
             raise ConfigError(f"{where}: duplicate categorical choices in {list(choices)}")
         return Dim(key, kind, choices=choices)
-    if len(args) not in (2, 3) or not all(_number(a) for a in args):
+    if len(args) not in (2, 3) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+                                          for a in args):
         raise ConfigError(f"{where}: {kind} needs finite numbers low, high[, step]; got {spec!r}")
     low, high, step = args[0], args[1], (args[2] if len(args) == 3 else None)
-    if kind in ("int", "log_int"):
-        if not all(isinstance(a, int) for a in args):
-            raise ConfigError(f"{where}: {kind} bounds must be integers; got {spec!r}")
-    else:
+    if kind in ("int", "log_int") and not all(isinstance(a, int) for a in args):
+        raise ConfigError(f"{where}: {kind} bounds must be integers; got {spec!r}")
+    if kind not in ("int", "log_int"):
         low, high, step = float(low), float(high), (None if step is None else float(step))
     if not low < high:
         raise ConfigError(f"{where}: low must be < high; got low={low}, high={high}")
@@ -93,9 +88,6 @@ def parse_dim(method: str, key: str, spec: Any) -> Dim:
 def resolve_space(method: str, cfg: dict, raw: dict | None, source: str, pinned: set[str]) -> dict[str, Dim]:
     """Parse and check a raw space against the method's Config: unknown fields and values the Config rejects are
     errors; keys pinned on the command line are dropped (printed)."""
-    import methods
-    from bench.validate import method_fields
-
     if not raw:
         raise ConfigError(f"method {method!r} has an empty search space ({source}); give one with "
                           f"sweep.space={{lr:[log_float,1e-5,1e-3]}} or a search_space: block in its YAML")
@@ -105,9 +97,7 @@ def resolve_space(method: str, cfg: dict, raw: dict | None, source: str, pinned:
     base_fields = method_fields(cfg["method"])
     space: dict[str, Dim] = {}
     for key, spec in raw.items():
-        key = str(key)
-        if key.startswith("method."):
-            key = key[len("method."):]
+        key = str(key).removeprefix("method.")
         if "." in key:
             top, _, leaf = key.partition(".")
             if top != "policy" or leaf not in cfg["policy"]:
@@ -137,13 +127,9 @@ def resolve_space(method: str, cfg: dict, raw: dict | None, source: str, pinned:
 
 def hydra_value(value: Any) -> str:
     """A Python value as a Hydra override value (strings quoted, so 'null' or '1e-3' stay strings)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
@@ -155,15 +141,7 @@ def trial_overrides(space: dict[str, Dim], params: dict[str, Any]) -> list[str]:
     return [f"{space[k].override_key}={hydra_value(v)}" for k, v in params.items() if k in space]
 
 
-
-
 def pinned_keys(overrides: list[str]) -> set[str]:
     """Searchable keys given a value on the command line (method.lr=..., policy.lora_alpha=...)."""
-    out = set()
-    for line in overrides:
-        key = line.lstrip("+~").split("=", 1)[0]
-        if key.startswith("method."):
-            out.add(key[len("method."):])
-        elif key.startswith("policy."):
-            out.add(key)
-    return out
+    keys = [line.lstrip("+~").split("=", 1)[0] for line in overrides]
+    return {k.removeprefix("method.") for k in keys if k.startswith(("method.", "policy."))}

@@ -8,6 +8,7 @@ adds it: the heartbeat is a trial system attribute written through the journal, 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -15,6 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from bench import tracking
 from bench.validate import ConfigError
@@ -24,21 +31,13 @@ RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 @dataclass
 class Storage:
-    url: str
-    """What the user gave, made absolute for journal files."""
-    optuna: Any
-    """The optuna storage object."""
-    journal: Path | None = None
-    """The journal file, for journal storages."""
+    url: str  # what the user gave, made absolute for journal files
+    optuna: Any  # the optuna storage object
+    journal: Path | None = None  # the journal file, for journal storages
 
     def dashboard_command(self) -> str:
-        target = self.url
-        if self.journal is not None:
-            try:
-                target = str(self.journal.relative_to(Path.cwd()))
-            except ValueError:
-                pass
-        return f"optuna-dashboard {target} --host 127.0.0.1"
+        inside = self.journal is not None and self.journal.is_relative_to(Path.cwd())
+        return f"optuna-dashboard {self.journal.relative_to(Path.cwd()) if inside else self.url} --host 127.0.0.1"
 
     def safe_url(self) -> str:
         """The URL with its password masked (for tags and printed lines)."""
@@ -46,13 +45,9 @@ class Storage:
         return self.url.replace(f":{password}@", ":***@") if password else self.url
 
 
-def _is_url(spec: str) -> bool:
-    return "://" in spec
-
-
 def check_storage(spec: str, timeout: float = 3.0) -> None:
     """Fail fast on a storage that cannot work; creates nothing. Talks only to the URL's own host."""
-    if not _is_url(spec):
+    if "://" not in spec:
         path = Path(spec).expanduser().resolve()
         if path.exists() and not path.is_file():
             raise ConfigError(f"sweep.storage {spec!r}: {path} exists and is not a file (expected a journal file)")
@@ -72,25 +67,15 @@ def check_storage(spec: str, timeout: float = 3.0) -> None:
         if not existing.is_dir() or not os.access(existing, os.W_OK):
             raise ConfigError(f"sweep.storage {spec!r}: directory {existing} is not writable")
         return
-    parsed = urlparse(spec)
-    scheme = parsed.scheme.split("+")[0]
-    if scheme not in RDB_SCHEMES:
-        raise ConfigError(f"sweep.storage {spec!r}: unknown scheme {parsed.scheme!r}; use a journal file path "
+    scheme = urlparse(spec).scheme
+    if scheme.split("+")[0] not in RDB_SCHEMES:
+        raise ConfigError(f"sweep.storage {spec!r}: unknown scheme {scheme!r}; use a journal file path "
                           f"(optuna.journal) or an RDB URL: {', '.join(s + '://' for s in RDB_SCHEMES)}")
-    if scheme == "sqlite":
-        path = tracking._sqlite_path(spec)
-        if path is None:
-            raise ConfigError(f"sweep.storage {spec!r}: expected sqlite:///<path to .db file>")
-        parent = path.resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise ConfigError(f"sweep.storage {spec!r}: directory {parent} does not exist or is not writable")
-        return
-    if not parsed.hostname:
-        raise ConfigError(f"sweep.storage {spec!r} names no host")
-    problem = tracking.unreachable(spec, timeout)
-    if problem:
-        raise ConfigError(f"sweep.storage {spec!r} is unreachable ({problem}); start the database or use a journal "
-                          f"file: sweep.storage=optuna.journal")
+    try:
+        tracking.check_uri(spec, timeout, what="sweep.storage",
+                           hint="start the database or use a journal file: sweep.storage=optuna.journal")
+    except tracking.TrackingURIError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _stale_trial_failed(study, trial) -> None:
@@ -101,11 +86,6 @@ def _stale_trial_failed(study, trial) -> None:
 
 def _heartbeat_journal(path: Path, heartbeat: int):
     """A JournalStorage with Optuna's heartbeat protocol (BaseHeartbeat)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages._heartbeat import BaseHeartbeat
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.trial import TrialState
-
     class HeartbeatJournal(JournalStorage, BaseHeartbeat):
         def record_heartbeat(self, trial_id: int) -> None:
             self.set_trial_system_attr(trial_id, "heartbeat", time.time())
@@ -129,14 +109,12 @@ def _heartbeat_journal(path: Path, heartbeat: int):
 
 def open_storage(spec: str, heartbeat: int) -> Storage:
     """The optuna storage for a journal path or an RDB URL (after check_storage)."""
-    import inspect
-
-    import optuna
-
-    if not _is_url(spec):
+    if "://" not in spec:
         path = Path(spec).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return Storage(str(path), _heartbeat_journal(path, heartbeat), journal=path)
+    if tracking._sqlite_path(spec) is not None:  # as for a journal: the database's folder is created
+        tracking._sqlite_path(spec).resolve().parent.mkdir(parents=True, exist_ok=True)
     callback = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
                 inspect.signature(optuna.storages.RDBStorage).parameters else "failed_trial_callback")  # optuna < 4.9
     for attempt in range(3):  # workers starting together on a fresh database race to create Optuna's tables

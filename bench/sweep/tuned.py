@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from bench import tracking
 from bench.sweep.conf import TUNED_DIR, compose_cell
 from bench.sweep.space import hydra_value, trial_overrides
@@ -21,8 +23,6 @@ def tuned_dir(sweep) -> Path:
 def tuned_yaml(sweep, best, name: str) -> str:
     """The best trial's complete method config (recipe values, command-line overrides and the searched values),
     so that method=tuned/<name> needs no recipe."""
-    import yaml
-
     cfg, _ = compose_cell(sweep.cell_overrides + trial_overrides(sweep.space, best.params))
     policy_keys = {k.split(".", 1)[1]: v for k, v in best.params.items() if k.startswith("policy.")}
     run_id = best.user_attrs.get("mlflow_run_id", "?")
