@@ -128,14 +128,6 @@ class Sweep:
                                             n_warmup_steps=p.n_warmup_steps)
         return pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
 
-    def check_enqueue(self) -> None:
-        for params in self.conf.enqueue:
-            for k, v in params.items():
-                if k not in self.space:
-                    raise ConfigError(f"sweep.enqueue: {k!r} is not searched; searched: {', '.join(self.space)}")
-                if not self.space[k].contains(v):
-                    raise ConfigError(f"sweep.enqueue: {k}={v!r} lies outside {self.space[k].describe()}")
-
     def _enqueue_first(self) -> None:
         defaults = {}
         for key, dim in self.space.items():
@@ -160,12 +152,12 @@ class Sweep:
             from bench.cell import run_cell
 
             run_cell(grids.base_config(self.cfg), self.grid, index="(base) ")
-        failures: list[bool] = []
+        streak = [0]  # failed trials in a row in this process
 
         def failures_in_a_row(study, trial) -> None:
-            failures.append(trial.state == TrialState.FAIL and not trial.user_attrs.get("error", "").startswith(
-                "not run"))
-            if len(failures) >= max_failures and all(failures[-max_failures:]):
+            failed = trial.state == TrialState.FAIL and not trial.user_attrs.get("error", "").startswith("not run")
+            streak[0] = streak[0] + 1 if failed else 0
+            if streak[0] >= max_failures:
                 print(f"error: {max_failures} trials in a row failed (sweep.max_failures); stopping",
                       file=sys.stderr, flush=True)
                 study.stop()
@@ -175,13 +167,13 @@ class Sweep:
             self.study.optimize(Objective(self), timeout=self.conf.timeout, catch=(TrialFailed,),
                                 callbacks=[finished, failures_in_a_row])
         status = self.finish()
-        return 1 if len(failures) >= max_failures and all(failures[-max_failures:]) else status
+        return 1 if streak[0] >= max_failures else status
 
     def finish(self) -> int:
         counts = self.counts()
         print(f"study {self.study_name}: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
               f"{counts['FAIL']} failed, {counts['RUNNING']} running", flush=True)
-        complete = [t for t in self.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             print("error: no COMPLETE trial: nothing to write", file=sys.stderr, flush=True)
             return 1
@@ -226,7 +218,11 @@ def prepare(argv: list[str]) -> Sweep:
     if conf.objective == "train_steps" and sweep.k not in cfg["eval"]["steps"]:
         raise ConfigError(f"sweep.objective=train_steps needs K={sweep.k} among eval.steps {cfg['eval']['steps']}; "
                           f"add it, or use sweep.objective=mean_steps")
-    sweep.check_enqueue()
+    for k, v in (item for params in conf.enqueue for item in params.items()):
+        if k not in sweep.space:
+            raise ConfigError(f"sweep.enqueue: {k!r} is not searched; searched: {', '.join(sweep.space)}")
+        if not sweep.space[k].contains(v):
+            raise ConfigError(f"sweep.enqueue: {k}={v!r} lies outside {sweep.space[k].describe()}")
     check_tracking_uri(cfg["tracking"]["uri"])
     check_storage(conf.storage)
     sweep.open()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -14,10 +13,6 @@ import yaml
 from bench import tracking
 from bench.sweep.conf import TUNED_DIR, compose_cell
 from bench.sweep.space import hydra_value, trial_overrides
-
-
-def tuned_dir(sweep) -> Path:
-    return Path(sweep.conf.tuned_dir).expanduser().resolve() if sweep.conf.tuned_dir else TUNED_DIR
 
 
 def tuned_yaml(sweep, best, name: str) -> str:
@@ -51,7 +46,7 @@ def write_tuned(sweep, best) -> tuple[Path, str]:
     """Write the tuned config under the first free name <study>.yaml, <study>-2.yaml, ... (a file holding the very
     same text counts as written); each file appears whole and is never replaced (a hard link of a finished temp
     file), so parallel workers finishing together cannot clobber each other or an earlier sweep's result."""
-    folder = tuned_dir(sweep)
+    folder = Path(sweep.conf.tuned_dir).expanduser().resolve() if sweep.conf.tuned_dir else TUNED_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, 1000):
         name = sweep.study_name if attempt == 1 else f"{sweep.study_name}-{attempt}"
@@ -87,7 +82,4 @@ def log_best(sweep, best, complete: list, name: str, text: str) -> None:
     run = tracking.CellRun(sweep.store, run_id)
     run.set_tags({"sweep.best": "true"})
     run.log_text(text, f"sweep/{name}")
-    with tempfile.TemporaryDirectory(prefix="stepbench-sweep-") as tmp:
-        table = Path(tmp) / "trials.csv"
-        sweep.study.trials_dataframe().to_csv(table, index=False)
-        run.log_artifact(table, "sweep")
+    run.log_text(sweep.study.trials_dataframe().to_csv(index=False), "sweep/trials.csv")
