@@ -1,6 +1,6 @@
 """The trainable policy: a base pipeline plus LoRA adapters (peft) on its denoiser.
 
-Every method sees a model family (toy, SD, SDXL) only through this wrapper: `encode_prompts` -> a `Conditioning`,
+Every method sees a model family (toy, SD, SDXL, FLUX, SD3) only through this wrapper: `encode_prompts` -> a `Conditioning`,
 `predict(x_t, t, cond)` -> the denoiser's raw output (epsilon or v, with classifier-free guidance folded in),
 `decode(latents)` -> images in [0, 1]. The frozen reference model of KL/ratio-based methods is the same network
 with the adapters switched off (`with policy.reference(): ...`), so it costs no memory; with `full_finetune=True`
@@ -26,6 +26,11 @@ SD_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # The toy UNet2DModel has no attention: adapt the convolutions and the time(+text) embedding projection of every
 # ResNet block.
 TOY_LORA_TARGETS = ("conv1", "conv2", "time_emb_proj", "conv_shortcut")
+# The rectified-flow transformers (FLUX, SD3): the image and text streams' attention projections of every joint block
+# (FLUX's single blocks have to_q/k/v only), as Flow-GRPO's SD3 and DanceGRPO's FLUX LoRA configs.
+FLOW_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+FLOW_FAMILIES = ("flux", "sd3")
+FAMILIES = ("toy", "sd", "sdxl", *FLOW_FAMILIES)
 ADAPTER_NAME = "default"
 
 
@@ -33,8 +38,8 @@ ADAPTER_NAME = "default"
 class Conditioning:
     """Encoded prompts: per-sample tensors (first dim B) that `Policy.predict` turns into denoiser kwargs.
 
-    Keys: "embeds" (SD/SDXL: (B, L, D) token states; toy: (B, D)); SDXL adds "pooled" (B, D2) and "time_ids"
-    (B, 6); with classifier-free guidance the same keys prefixed "neg_" hold the empty prompt's encoding.
+    Keys: "embeds" (SD/SDXL/FLUX/SD3: (B, L, D) token states; toy: (B, D)); SDXL, FLUX and SD3 add "pooled" (B, D2),
+    SDXL "time_ids" (B, 6); with classifier-free guidance the same keys prefixed "neg_" hold the empty prompt's encoding.
     """
 
     prompts: list[str]
@@ -80,14 +85,21 @@ def _kernel_scheduler(scheduler, kernel: str):
     not know are defaulted the SD way (no x0 clipping, final alpha = alphas_cumprod[0]) rather than with DDIM's
     own defaults (clip to [-1, 1], final alpha 1), which are wrong for latent models and give NaN log-probs.
     """
-    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-    target = {"ddim": DDIMScheduler, "lcm": DDIMScheduler, "euler_ancestral": EulerAncestralDiscreteScheduler}
+    target = {"ddim": DDIMScheduler, "lcm": DDIMScheduler, "euler_ancestral": EulerAncestralDiscreteScheduler,
+              "flow_euler": FlowMatchEulerDiscreteScheduler}
     if kernel not in target:
         from tasks.registry import UnknownNameError
 
         raise UnknownNameError("sampling kernel", kernel, sorted(target))
     cls = target[kernel]
+    is_flow = isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    if is_flow != (kernel == "flow_euler"):
+        need = "a flow-matching" if kernel == "flow_euler" else "an alphas_cumprod (VP)"
+        valid = "flow_euler" if is_flow else "ddim, euler_ancestral or lcm"
+        raise ValueError(f"sampling kernel {kernel!r} needs {need} scheduler; this model's is "
+                         f"{type(scheduler).__name__}: use kernel {valid}")
     if isinstance(scheduler, cls):
         return scheduler
     config = dict(scheduler.config)
@@ -117,15 +129,16 @@ class Policy(torch.nn.Module):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        if spec.family not in ("toy", "sd", "sdxl"):
-            raise ValueError(f"unsupported model family {spec.family!r}; expected toy, sd or sdxl")
+        if spec.family not in FAMILIES:
+            raise ValueError(f"unsupported model family {spec.family!r}; expected one of {', '.join(FAMILIES)}")
         self.spec = spec
         self.family = spec.family
         self.device = torch.device(device)
         self.dtype = dtype
         self.full_finetune = full_finetune
         self.guidance_scale = float(spec.guidance_scale if guidance_scale is None else guidance_scale)
-        self.nfe_per_predict = 2 if self.guidance_scale > 1.0 else 1
+        # FLUX is guidance-distilled: its guidance scale is an input of the transformer, never CFG.
+        self.nfe_per_predict = 2 if self.guidance_scale > 1.0 and spec.family != "flux" else 1
         self.lora_rank = lora_rank
         self.lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
 
@@ -136,12 +149,13 @@ class Policy(torch.nn.Module):
         vae = getattr(pipeline, "vae", None)
         if vae is not None and dtype == torch.float16 and vae.config.get("force_upcast", False):
             vae.to(torch.float32)  # the SD/SDXL VAEs overflow in fp16 (diffusers upcasts them the same way)
-        for name in ("vae", "text_encoder", "text_encoder_2"):
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             module = getattr(pipeline, name, None)
             if module is not None:
                 module.requires_grad_(False).eval()
         self.pipeline = pipeline  # not an nn.Module: a plain attribute
-        self.unet = pipeline.unet  # registered submodule; the only one that trains
+        # registered submodule, the only one that trains: the UNet, or the flow models' transformer
+        self.unet = pipeline.transformer if spec.family in FLOW_FAMILIES else pipeline.unet
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         if any(isinstance(m, BaseTunerLayer) for m in self.unet.modules()):
@@ -158,7 +172,8 @@ class Policy(torch.nn.Module):
         else:
             from peft import LoraConfig, inject_adapter_in_model
 
-            default = TOY_LORA_TARGETS if self.family == "toy" else SD_LORA_TARGETS
+            default = {"toy": TOY_LORA_TARGETS, "flux": FLOW_LORA_TARGETS, "sd3": FLOW_LORA_TARGETS}.get(
+                self.family, SD_LORA_TARGETS)
             self.lora_targets = tuple(lora_targets or default)
             config = LoraConfig(
                 r=lora_rank, lora_alpha=self.lora_alpha, target_modules=list(self.lora_targets),
@@ -177,8 +192,20 @@ class Policy(torch.nn.Module):
     def scheduler_for(self, kernel: str):
         """The scheduler holding kernel `kernel`'s tables (cached; see `_kernel_scheduler`)."""
         if kernel not in self._schedulers:
-            self._schedulers[kernel] = _kernel_scheduler(self.pipeline.scheduler, kernel)
+            scheduler = _kernel_scheduler(self.pipeline.scheduler, kernel)
+            if kernel == "flow_euler":  # the grid as the pipeline builds it (FLUX: linear sigmas; mu by image size)
+                from methods.sampling import set_flow_grid
+
+                set_flow_grid(scheduler, linear_sigmas=self.family == "flux", image_seq_len=self.image_seq_len)
+            self._schedulers[kernel] = scheduler
         return self._schedulers[kernel]
+
+    @property
+    def image_seq_len(self) -> int:
+        """Image tokens the transformer sees (FLUX: 2x2-packed latent patches; SD3: patch_size patches)."""
+        side = self.latent_shape[-1]
+        patch = 2 if self.family == "flux" else int(getattr(self.unet.config, "patch_size", 1))
+        return (side // patch) ** 2
 
     @property
     def vae_scale_factor(self) -> int:
@@ -188,11 +215,18 @@ class Policy(torch.nn.Module):
 
     @property
     def resolution(self) -> int:
-        """Image side in pixels, from the loaded network (a tiny stand-in is smaller than `spec.resolution`)."""
+        """Image side in pixels, from the loaded network (a tiny stand-in is smaller than `spec.resolution`); FLUX's
+        transformer has no sample size: its VAE's."""
+        if self.family == "flux":
+            return int(self.pipeline.vae.config.sample_size)
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent as the sampler holds it (FLUX: unpacked, C = in_channels / 4)."""
+        if self.family == "flux":
+            side = self.resolution // self.vae_scale_factor
+            return (int(self.unet.config.in_channels) // 4, side, side)
         side = int(self.unet.config.sample_size)
         return (int(self.unet.config.in_channels), side, side)
 
@@ -219,6 +253,17 @@ class Policy(torch.nn.Module):
             tensors["embeds"] = embeds
             if cfg:
                 tensors["neg_embeds"] = neg
+        elif self.family == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                   num_images_per_prompt=1, max_sequence_length=self.max_sequence_length)
+            tensors.update(embeds=embeds, pooled=pooled)
+        elif self.family == "sd3":
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg, max_sequence_length=self.max_sequence_length)
+            tensors.update(embeds=embeds, pooled=pooled)
+            if cfg:
+                tensors.update(neg_embeds=neg, neg_pooled=neg_pooled)
         else:
             embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
                 prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg
@@ -235,6 +280,12 @@ class Policy(torch.nn.Module):
                 tensors.update(neg_embeds=neg, neg_pooled=neg_pooled, neg_time_ids=time_ids.clone())
         return Conditioning(prompts, tensors)
 
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 tokens per prompt (FLUX.1-schnell: 256, SD3: 256), capped by the T5 tokenizer's own length."""
+        return min(256, int(self.pipeline.tokenizer_2.model_max_length if self.family == "flux"
+                            else self.pipeline.tokenizer_3.model_max_length))
+
     # ---------------------------------------------------------------- the denoiser
     def _denoiser(self):
         return self.reference_unet if (self.full_finetune and self._in_reference) else self.unet
@@ -243,16 +294,41 @@ class Policy(torch.nn.Module):
         unet = self._denoiser()
         if self.family == "toy":
             return unet(x, t, class_labels=tensors[prefix + "embeds"]).sample
+        if self.family in FLOW_FAMILIES:
+            return self._call_transformer(unet, x, t, tensors, prefix)
         added = None
         if self.family == "sdxl":
             added = {"text_embeds": tensors[prefix + "pooled"], "time_ids": tensors[prefix + "time_ids"]}
         return unet(x, t, encoder_hidden_states=tensors[prefix + "embeds"], added_cond_kwargs=added, return_dict=False)[0]
 
+    def _call_transformer(self, transformer, x, t, tensors, prefix):
+        """The flow transformers' velocity at scheduler timestep t (floats s * 1000), called as their pipelines call
+        them: SD3 with t itself, FLUX with t / 1000 on 2x2-packed latents, its guidance as an input (guidance_embeds)."""
+        batch = x.shape[0]
+        t = t.expand(batch) if t.ndim == 0 else t
+        embeds, pooled = tensors[prefix + "embeds"], tensors[prefix + "pooled"]
+        if self.family == "sd3":
+            return transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                               return_dict=False)[0]
+        pipe = type(self.pipeline)
+        _, channels, height, width = x.shape
+        packed = pipe._pack_latents(x, batch, channels, height, width)
+        img_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, x.dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=embeds.dtype)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), self.guidance_scale, device=x.device, dtype=torch.float32)
+        out = transformer(hidden_states=packed, timestep=t.to(x.dtype) / 1000, guidance=guidance,
+                          pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
+                          return_dict=False)[0]
+        return pipe._unpack_latents(out, height * self.vae_scale_factor, width * self.vae_scale_factor,
+                                    self.vae_scale_factor)
+
     def predict(self, x_t: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         """Raw denoiser output (epsilon or v) at timestep(s) `t`, with CFG if guidance_scale > 1; float32.
 
         x_t: (B, C, h, w), the denoiser's input (Euler kernels scale their latent first, see sampling).
-        t: int, 0-d tensor or (B,) tensor of training timesteps. Gradients reach the adapters (or all UNet
+        t: int, 0-d tensor or (B,) tensor of training timesteps (flow models: float scheduler timesteps s * 1000). Gradients reach the adapters (or all UNet
         weights with full_finetune) unless inside `reference()`.
         """
         x = x_t.to(device=self.device, dtype=self.dtype)
@@ -301,6 +377,8 @@ class Policy(torch.nn.Module):
             latents = latents * std / vae.config.scaling_factor + mean
         else:
             latents = latents / vae.config.scaling_factor
+            if vae.config.get("shift_factor") is not None:  # FLUX and SD3 VAEs
+                latents = latents + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]
         return (image.float() * 0.5 + 0.5).clamp(0, 1)
 
@@ -318,6 +396,8 @@ class Policy(torch.nn.Module):
             mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
             std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
             return ((latents - mean) * vae.config.scaling_factor / std).float()
+        if vae.config.get("shift_factor") is not None:
+            latents = latents - vae.config.shift_factor
         return (latents * vae.config.scaling_factor).float()
 
     # ---------------------------------------------------------------- trainable state

@@ -28,6 +28,20 @@ a timetable.
   so eta = 1 is the LCM step (mean = sqrt(abar_t') x0_hat) and eta = 0 is DDIM's deterministic step; the last
   step outputs x0_hat (deterministic).
 
+* "flow_euler" (rectified-flow transformers: FLUX, SD3; Flow-GRPO, DanceGRPO), on the sigmas of diffusers'
+  `FlowMatchEulerDiscreteScheduler.set_timesteps` called as the model's pipeline calls it (`set_flow_grid`: FLUX passes
+  sigmas linspace(1, 1/N, N), SD3 none; both pass mu = calculate_shift(image_seq_len) under dynamic shifting). With
+  x_s = (1 - s) x0 + s noise and the velocity v = noise - x0 predicted at timestep t = s * num_train_timesteps:
+      x0_hat = x - s v;   dt = s_next - s (< 0)
+      mean   = x (1 + sigma_t^2 dt / (2 s)) + v (1 + sigma_t^2 (1 - s) / (2 s)) dt,   std = sigma_t sqrt(-dt)
+  the Euler-Maruyama step of the reverse SDE that keeps the ODE's marginals, with noise_rule
+      "sde"   (Flow-GRPO's `sde_step_with_logprob`, default): sigma_t = eta sqrt(s / (1 - s)); at s = 1 the code puts
+              the grid's next sigma in the denominator (its `sigma_max = sigmas[1]`), kept here;
+      "dance" (DanceGRPO's `flux_step` with its SDE correction): sigma_t = eta, constant.
+  eta = 0 is exactly the scheduler's Euler step mean = x + dt v. Unlike DDIM, the last step (s_next = 0) is stochastic
+  under both rules (std = sigma_t sqrt(s)), as in their code. The "ddim" noise_rule name, the default of every
+  method, selects "sde" on this kernel.
+
 Log-probabilities are the per-element MEAN over C*H*W of the Gaussian log-density (DDPO/SDPO/SPO convention):
       log p = mean[-(x_next - mean)^2 / (2 std^2)] - log std - 0.5 log(2 pi)
 computed in float32, NaN where a step is deterministic (std = 0). t_prev is always passed explicitly, never read
@@ -47,9 +61,12 @@ import torch
 
 from methods.policy import Conditioning, Policy
 
-KERNELS = ("ddim", "euler_ancestral", "lcm")
-NOISE_RULES = ("ddim", "cps")
-"""How the "ddim" kernel sets its std from eta: DDIM-eta (DDPO, SDPO) or coefficient-preserving (Flow-GRPO's CPS)."""
+KERNELS = ("ddim", "euler_ancestral", "lcm", "flow_euler")
+FLOW = "flow_euler"
+NOISE_RULES = ("ddim", "cps", "sde", "dance")
+"""How a kernel sets its std from eta: "ddim" kernel: DDIM-eta (DDPO, SDPO) or coefficient-preserving (Flow-GRPO's
+CPS); "flow_euler" kernel: Flow-GRPO's SDE or DanceGRPO's constant eta ("ddim" selects "sde" there)."""
+FLOW_NOISE_RULES = ("sde", "dance")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -60,9 +77,10 @@ class Trajectory:
     latents: torch.Tensor | None
     """(B, K+1, C, h, w) float32, x_T ... x_0 in the kernel's native parameterisation (None if record=False)."""
     timesteps: torch.Tensor
-    """(K,) long training timesteps of the steps taken."""
+    """(K,) long training timesteps of the steps taken (flow_euler: float32 s * num_train_timesteps)."""
     prev_timesteps: torch.Tensor
-    """(K,) long target timesteps; -1 = final (DDIM: final_alpha_cumprod; Euler: sigma 0; LCM: clean x0)."""
+    """(K,) long target timesteps; -1 = final (DDIM: final_alpha_cumprod; Euler: sigma 0; LCM: clean x0; flow_euler:
+    float32, 0 = clean x0)."""
     log_probs: torch.Tensor | None
     """(B, K) float32 per-element-mean Gaussian log-density of each transition; NaN where deterministic."""
     stochastic: torch.Tensor
@@ -101,6 +119,15 @@ def step_eta(eta: float, sde_steps, grid_index: int) -> float:
 def _check_noise_rule(kernel: str, noise_rule: str) -> str:
     if noise_rule not in NOISE_RULES:
         raise ValueError(f"unknown noise_rule {noise_rule!r}; available: {', '.join(NOISE_RULES)}")
+    if kernel == FLOW:
+        if noise_rule == "ddim":
+            return "sde"
+        if noise_rule not in FLOW_NOISE_RULES:
+            raise ValueError(f"noise_rule {noise_rule!r} is not a rule of the 'flow_euler' kernel; available: "
+                             f"{', '.join(FLOW_NOISE_RULES)} (or 'ddim', which selects 'sde')")
+        return noise_rule
+    if noise_rule in FLOW_NOISE_RULES:
+        raise ValueError(f"noise_rule {noise_rule!r} is a rule of the 'flow_euler' kernel; got kernel {kernel!r}")
     if noise_rule != "ddim" and kernel != "ddim":
         raise ValueError(f"noise_rule {noise_rule!r} is a rule of the 'ddim' kernel; got kernel {kernel!r}")
     return noise_rule
@@ -156,6 +183,8 @@ def _check_kernel(kernel: str) -> str:
 
 def _default_kernel(scheduler) -> str:
     name = type(scheduler).__name__
+    if "FlowMatch" in name:
+        return FLOW
     return "euler_ancestral" if "Euler" in name else "lcm" if "LCM" in name else "ddim"
 
 
@@ -163,9 +192,11 @@ def timestep_grid(scheduler, num_steps: int, kernel: str | None = None) -> tuple
     """(timesteps, prev_timesteps), both (N,) long on CPU, from `scheduler.set_timesteps(num_steps)`.
 
     prev: "ddim" uses diffusers' DDIM rule t - T // N; "euler_ancestral" and "lcm" the next grid timestep. The
-    final target is -1. `kernel` defaults from the scheduler class (Euler* -> euler_ancestral, LCM -> lcm, else ddim).
+    final target is -1. "flow_euler": float32 timesteps s * num_train_timesteps and the next ones, final 0 (sigma 0). `kernel` defaults from the scheduler class (Euler* -> euler_ancestral, LCM -> lcm, else ddim).
     """
     kernel = _check_kernel(kernel or _default_kernel(scheduler))
+    if kernel == FLOW:
+        return _flow_grid(scheduler, num_steps)
     scheduler.set_timesteps(num_steps)
     raw = scheduler.timesteps.detach().cpu()
     timesteps = raw.round().long()
@@ -179,6 +210,56 @@ def timestep_grid(scheduler, num_steps: int, kernel: str | None = None) -> tuple
     else:
         prev = torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
     return timesteps, prev.clamp(min=-1)
+
+
+@dataclass(frozen=True)
+class FlowGrid:
+    """How a flow model's pipeline calls `FlowMatchEulerDiscreteScheduler.set_timesteps` (`set_flow_grid`)."""
+
+    linear_sigmas: bool
+    """True: sigmas = linspace(1, 1/N, N) passed explicitly (FluxPipeline); False: the scheduler's own (SD3)."""
+    image_seq_len: int | None
+    """image tokens of the transformer (FLUX: packed 2x2 latent patches; SD3: (h / patch)^2), for mu under
+    `use_dynamic_shifting`; None when the scheduler does not shift dynamically."""
+
+
+_FLOW_GRIDS: weakref.WeakKeyDictionary[object, FlowGrid] = weakref.WeakKeyDictionary()
+
+
+def set_flow_grid(scheduler, *, linear_sigmas: bool, image_seq_len: int | None) -> None:
+    """Record how the "flow_euler" kernel builds `scheduler`'s grid (the policy calls this with its pipeline's rule)."""
+    _FLOW_GRIDS[scheduler] = FlowGrid(bool(linear_sigmas), None if image_seq_len is None else int(image_seq_len))
+
+
+def flow_sigmas(scheduler, num_steps: int) -> torch.Tensor:
+    """(N+1,) float32 sigmas s_0 = 1 > ... > s_N = 0 of an N-step grid, from the scheduler's own `set_timesteps` with
+    the arguments the model's pipeline passes (explicit linear sigmas for FLUX, mu by image size when shifting)."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    grid = _FLOW_GRIDS.get(scheduler, FlowGrid(False, None))
+    config = scheduler.config
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    kwargs = {}
+    if config.get("use_dynamic_shifting", False):
+        if grid.image_seq_len is None:
+            raise ValueError("this FlowMatchEulerDiscreteScheduler shifts its sigmas by image size "
+                             "(use_dynamic_shifting=True): call sampling.set_flow_grid(scheduler, image_seq_len=...)")
+        kwargs["mu"] = calculate_shift(grid.image_seq_len, config.get("base_image_seq_len", 256),
+                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                       config.get("max_shift", 1.15))
+    if grid.linear_sigmas and not config.get("use_flow_sigmas", False):
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
+    else:
+        scheduler.set_timesteps(num_steps, **kwargs)
+    return scheduler.sigmas.detach().cpu().to(torch.float32)
+
+
+def _flow_grid(scheduler, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sigmas = flow_sigmas(scheduler, num_steps)
+    timesteps = scheduler.timesteps.detach().cpu().to(torch.float32)  # = sigmas[:-1] * num_train_timesteps
+    return timesteps, sigmas[1:] * float(scheduler.config.num_train_timesteps)
 
 
 # ----------------------------------------------------------------------------- the kernels (pure maths)
@@ -235,7 +316,9 @@ def transition(kernel: str, scheduler, model_output: torch.Tensor, x_t: torch.Te
     `model_output` is the raw denoiser output for `model_input(kernel, scheduler, x_t, t)`. noise_rule: "ddim"
     (DDIM-eta) or "cps" (coefficient-preserving; "ddim" kernel only).
     """
-    _check_noise_rule(kernel, noise_rule)
+    noise_rule = _check_noise_rule(kernel, noise_rule)
+    if kernel == FLOW:
+        return flow_transition(scheduler, model_output, x_t, t, t_prev, eta, noise_rule)
     tables = _tables(scheduler)
     out, x = model_output.float(), x_t.float()
     t, t_prev = _as_index(t), _as_index(t_prev)
@@ -271,6 +354,36 @@ def transition(kernel: str, scheduler, model_output: torch.Tensor, x_t: torch.Te
         std = eta * (1 - a_prev).clamp(min=0) ** 0.5
     direction = (1 - a_prev - std**2).clamp(min=0) ** 0.5
     mean = _broadcast(a_prev**0.5, x) * x0 + _broadcast(direction, x) * eps
+    return mean, _broadcast(std, x), x0
+
+
+def _flow_sigma(scheduler, t) -> torch.Tensor:
+    """sigma = t / num_train_timesteps in float64 (0-d or (B,)); t is a scheduler timestep (float), not an index."""
+    t = torch.as_tensor(t).detach().to("cpu", torch.float64)
+    return t / float(scheduler.config.num_train_timesteps)
+
+
+def flow_transition(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t, t_prev, eta: float,
+                    noise_rule: str = "sde"):
+    """The "flow_euler" step's Gaussian (mean, std, x0_pred), float32 (module docstring). t, t_prev: scheduler
+    timesteps s * num_train_timesteps (floats, 0-d or (B,)); t_prev = 0 is the clean sample."""
+    v, x = model_output.float(), x_t.float()
+    s, s_next = _flow_sigma(scheduler, t), _flow_sigma(scheduler, t_prev)
+    if bool((s_next >= s).any()) or bool((s > 1).any()) or bool((s_next < 0).any()):
+        raise ValueError(f"flow step needs 1 >= t > t_prev >= 0 (sigma); got sigma {s.tolist()} -> {s_next.tolist()}")
+    x0 = x - _broadcast(s, x) * v
+    dt = s_next - s
+    if eta == 0:  # the scheduler's own Euler step, in its float32 arithmetic
+        dt32 = s_next.to(torch.float32) - s.to(torch.float32)
+        return x + _broadcast(dt32, x) * v, _broadcast(torch.zeros_like(s), x), x0
+    if noise_rule == "dance":
+        sigma_t = torch.full_like(s, float(eta))
+    else:  # Flow-GRPO: sqrt(s / (1 - s)), its s = 1 denominator taken at the grid's next sigma
+        sigma_t = eta * (s / (1 - torch.where(s == 1, s_next, s))) ** 0.5
+    std = sigma_t * (-dt) ** 0.5
+    x_coef = 1 + sigma_t**2 / (2 * s) * dt
+    v_coef = (1 + sigma_t**2 * (1 - s) / (2 * s)) * dt
+    mean = _broadcast(x_coef, x) * x + _broadcast(v_coef, x) * v
     return mean, _broadcast(std, x), x0
 
 
@@ -330,7 +443,7 @@ def sample(
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape} (B = {len(cond)} prompts)")
     timestep_grid(scheduler, num_steps, kernel)  # sets the scheduler's sigmas, hence init_noise_sigma
-    x_T = noise.to(policy.device, torch.float32) * float(scheduler.init_noise_sigma)
+    x_T = noise.to(policy.device, torch.float32) * float(getattr(scheduler, "init_noise_sigma", 1.0))
     return continue_from(
         policy, x_T, 0, num_steps, cond=cond, kernel=kernel, eta=eta, generator=generator, record=record,
         decode=decode, noise_rule=noise_rule, sde_steps=sde_steps,
@@ -389,7 +502,7 @@ def continue_from(
     latents, x0_preds, log_probs, stochastic = [x], [], [], []
     with torch.no_grad():
         for k in range(steps):
-            t, t_prev = int(timesteps[k]), int(prev[k])
+            t, t_prev = (timesteps[k], prev[k]) if kernel == FLOW else (int(timesteps[k]), int(prev[k]))
             output = policy.predict(model_input(kernel, scheduler, x, t), t_device[k], cond)
             eta_k = step_eta(eta, sde_steps, k_start + k)
             mean, std, x0_pred = transition(kernel, scheduler, output, x, t, t_prev, eta_k, noise_rule)
@@ -429,9 +542,13 @@ def continue_from(
 
 def add_noise(kernel: str, scheduler, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
     """Forward-diffuse x0 to timestep t in the kernel's parameterisation: sqrt(abar) x0 + sqrt(1-abar) noise
-    (DDIM, LCM), or x0 + sigma noise (Euler's z = x / sqrt(abar)). t: int, or (B,) tensor."""
-    tables, t = _tables(scheduler), _as_index(t)
+    (DDIM, LCM), or x0 + sigma noise (Euler's z = x / sqrt(abar)), or (1 - s) x0 + s noise (flow, t = s * T).
+    t: int (float for flow), or (B,) tensor."""
     x0, noise = x0.float(), noise.to(x0.device, torch.float32)
+    if _check_kernel(kernel) == FLOW:
+        s = _flow_sigma(scheduler, t)
+        return _broadcast(1 - s, x0) * x0 + _broadcast(s, x0) * noise
+    tables, t = _tables(scheduler), _as_index(t)
     if _check_kernel(kernel) == "euler_ancestral":
         return x0 + _broadcast(_sigma(tables, t), x0) * noise
     abar = _abar(tables, t, tables.final_alpha_cumprod)
@@ -443,7 +560,8 @@ def renoise(policy: Policy, x0: torch.Tensor, traj: Trajectory, k: int, noise: t
     noise, ready for `continue_from(policy, x_t, k, traj=traj)` (the "search over paths" restart)."""
     scheduler = policy.scheduler_for(traj.kernel)
     timesteps, _ = timestep_grid(scheduler, traj.num_steps, traj.kernel)
-    return add_noise(traj.kernel, scheduler, x0.to(policy.device), int(timesteps[k]), noise)
+    t = timesteps[k] if traj.kernel == FLOW else int(timesteps[k])
+    return add_noise(traj.kernel, scheduler, x0.to(policy.device), t, noise)
 
 
 def transition_log_prob(policy: Policy, traj: Trajectory, k: int, *, index=None) -> torch.Tensor:
@@ -478,7 +596,9 @@ def stochastic_steps(policy: Policy, num_steps: int, eta: float, kernel: str | N
     scheduler = policy.scheduler_for(kernel)
     timesteps, prev = timestep_grid(scheduler, num_steps, kernel)
     dummy = torch.zeros(1, 1, 1, 1)
-    return torch.tensor([float(transition(kernel, scheduler, dummy, dummy, int(t), int(p),
+    if kernel != FLOW:
+        timesteps, prev = timesteps.tolist(), prev.tolist()  # ints
+    return torch.tensor([float(transition(kernel, scheduler, dummy, dummy, t, p,
                                           step_eta(eta, sde_steps, g), noise_rule)[1]) > 0
                          for g, (t, p) in enumerate(zip(timesteps, prev))], dtype=torch.bool)
 

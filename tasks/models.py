@@ -24,15 +24,15 @@ class ModelSpec:
     """One base model of the zoo."""
 
     name: str
-    """zoo name: "toy-base" | "toy-turbo" | "sd-turbo" | "sdxl-turbo"."""
+    """zoo name: "toy-base" | "toy-turbo" | "sd-turbo" | "sdxl-turbo" | "flux-schnell" | "sd35-large-turbo"."""
     family: str
-    """"toy" | "sd" | "sdxl": decides how the policy encodes prompts, conditions the denoiser and decodes."""
+    """"toy" | "sd" | "sdxl" | "flux" | "sd3": decides how the policy encodes prompts, conditions the denoiser and decodes."""
     source: str
     """hub id ("stabilityai/sdxl-turbo") or a local folder (the toy models' folder inside this package)."""
     pipeline_class: str
     """diffusers pipeline class name: "ToyPipeline" | "StableDiffusionPipeline" | "StableDiffusionXLPipeline"."""
     scheduler: str
-    """default sampling kernel of methods.sampling: "ddim" | "euler_ancestral" | "lcm"."""
+    """default sampling kernel of methods.sampling: "ddim" | "euler_ancestral" | "lcm" | "flow_euler"."""
     resolution: int
     """image side in pixels of the real weights (a tiny stand-in pipeline has its own, smaller size)."""
     guidance_scale: float
@@ -103,6 +103,33 @@ for _spec in (
         default_train_steps=4,
         native_scheduler="EulerAncestralDiscreteScheduler",
     ),
+    # Rectified-flow transformers (velocity prediction, FlowMatchEulerDiscreteScheduler): the "flow_euler" kernel.
+    # FLUX.1-schnell is timestep- and guidance-distilled (1-4 steps, no CFG, no guidance embedding; 1024 px);
+    # SD3.5-Large-Turbo is ADD-distilled to 4 steps at guidance 0 (1024 px). Both use CLIP + T5 text encoders.
+    ModelSpec(
+        name="flux-schnell",
+        family="flux",
+        source="black-forest-labs/FLUX.1-schnell",
+        pipeline_class="FluxPipeline",
+        scheduler="flow_euler",
+        resolution=1024,
+        guidance_scale=0.0,
+        step_counts=(1, 2, 3, 4, 6, 8),
+        default_train_steps=4,
+        native_scheduler="FlowMatchEulerDiscreteScheduler",
+    ),
+    ModelSpec(
+        name="sd35-large-turbo",
+        family="sd3",
+        source="stabilityai/stable-diffusion-3.5-large-turbo",
+        pipeline_class="StableDiffusion3Pipeline",
+        scheduler="flow_euler",
+        resolution=1024,
+        guidance_scale=0.0,
+        step_counts=(1, 2, 3, 4, 6, 8),
+        default_train_steps=4,
+        native_scheduler="FlowMatchEulerDiscreteScheduler",
+    ),
 ):
     _SPECS.register(_spec.name, _spec)
 
@@ -150,9 +177,10 @@ def load_pipeline(name: str, *, path: str | os.PathLike | None = None, device="c
         folder = Path(path if path is not None else spec.source)
         if not (folder / "model_index.json").is_file():
             what = "given path" if path is not None else "packaged toy weights"
+            tiny = "tiny_flow" if spec.family in ("flux", "sd3") else "tiny"
             hint = (
-                f"build a tiny stand-in with tasks.tiny.build_tiny_{spec.family}('{folder}')"
-                if spec.family in ("sd", "sdxl")
+                f"build a tiny stand-in with tasks.{tiny}.build_tiny_{spec.family}('{folder}')"
+                if spec.family in ("sd", "sdxl", "flux", "sd3")
                 else "regenerate them with `python -m bench.models build " + spec.name + "`"
             )
             raise ModelUnavailableError(
@@ -184,7 +212,8 @@ def load_pipeline(name: str, *, path: str | os.PathLike | None = None, device="c
                 f"to accept its licence), or pass a local save_pretrained folder as path=... "
                 f"(config: model.path). Cause: {type(err).__name__}: {err}"
             ) from err
-    pipe.scheduler = with_trailing_spacing(pipe.scheduler)
+    if "timestep_spacing" in pipe.scheduler.config:  # flow schedulers have no spacing: their grid starts at sigma 1
+        pipe.scheduler = with_trailing_spacing(pipe.scheduler)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -14,7 +14,7 @@ from tasks.tiny import build_tiny_sd, build_tiny_sdxl
 
 
 def test_zoo_entries():
-    assert models.names() == ["sd-turbo", "sdxl-turbo", "toy-base", "toy-turbo"]
+    assert models.names() == ["flux-schnell", "sd-turbo", "sd35-large-turbo", "sdxl-turbo", "toy-base", "toy-turbo"]
     base, turbo = models.get("toy-base"), models.get("toy-turbo")
     assert (base.family, base.pipeline_class, base.scheduler, base.guidance_scale) == ("toy", "ToyPipeline", "ddim", 1.0)
     # 3 and 6 steps visit timesteps (666, 332 / 832, 166) that no trailing K in {1, 2, 4} trains on
@@ -27,6 +27,11 @@ def test_zoo_entries():
     assert (sdxl.source, sdxl.pipeline_class, sdxl.scheduler) == (
         "stabilityai/sdxl-turbo", "StableDiffusionXLPipeline", "euler_ancestral")
     assert sd.resolution == sdxl.resolution == 512 and sd.guidance_scale == sdxl.guidance_scale == 0.0
+    flux, sd3 = models.get("flux-schnell"), models.get("sd35-large-turbo")
+    assert (flux.family, flux.source, flux.pipeline_class, flux.scheduler, flux.resolution) == (
+        "flux", "black-forest-labs/FLUX.1-schnell", "FluxPipeline", "flow_euler", 1024)
+    assert (sd3.family, sd3.source, sd3.pipeline_class, sd3.scheduler, sd3.guidance_scale) == (
+        "sd3", "stabilityai/stable-diffusion-3.5-large-turbo", "StableDiffusion3Pipeline", "flow_euler", 0.0)
     for name in models.names():
         spec = models.get(name)
         assert spec.default_train_steps in spec.step_counts
@@ -37,7 +42,7 @@ def test_unknown_model_names_the_bad_value_and_valid_ones():
         models.get("sd-trubo")
     message = str(info.value)
     assert "sd-trubo" in message and "model" in message
-    assert "available: sd-turbo, sdxl-turbo, toy-base, toy-turbo" in message
+    assert "available: flux-schnell, sd-turbo, sd35-large-turbo, sdxl-turbo, toy-base, toy-turbo" in message
     with pytest.raises(UnknownNameError, match="sdxl-turbo"):
         models.load_pipeline("sdxl", path="/nonexistent")
 

@@ -418,7 +418,9 @@ def test_cps_at_eta_zero_is_the_deterministic_sampler_and_needs_ddim():
     assert torch.equal(ode.images, cps.images) and cps.stochastic.tolist() == [False] * 4
     with pytest.raises(ValueError, match="noise_rule 'cps' is a rule of the 'ddim' kernel"):
         sampling.sample(policy, PROMPTS, 2, noise=noise, kernel="lcm", noise_rule="cps")
-    with pytest.raises(ValueError, match="unknown noise_rule 'sde'; available: ddim, cps"):
+    with pytest.raises(ValueError, match="unknown noise_rule 'sdx'; available: ddim, cps, sde, dance"):
+        sampling.sample(policy, PROMPTS, 2, noise=noise, noise_rule="sdx")
+    with pytest.raises(ValueError, match="noise_rule 'sde' is a rule of the 'flow_euler' kernel; got kernel 'ddim'"):
         sampling.sample(policy, PROMPTS, 2, noise=noise, noise_rule="sde")
 
 
