@@ -169,6 +169,18 @@ def bench_sd_turbo(session: nox.Session) -> None:
     _real_grid(session, "sd-turbo")
 
 
+@nox.session(name="bench-flux-schnell")
+def bench_flux_schnell(session: nox.Session) -> None:
+    """grid=flux-schnell on CUDA (plan, preflight, run, report); `-- --stand-in`: tiny stand-ins on the CPU."""
+    _real_grid(session, "flux-schnell")
+
+
+@nox.session(name="bench-sd35-large-turbo")
+def bench_sd35_large_turbo(session: nox.Session) -> None:
+    """grid=sd35-large-turbo on CUDA (plan, preflight, run, report); `-- --stand-in`: tiny stand-ins on the CPU."""
+    _real_grid(session, "sd35-large-turbo")
+
+
 @nox.session(name="mlflow-server")
 def mlflow_server(session: nox.Session) -> None:
     """An MLflow tracking server for parallel workers: a database backend and a proxied artifact store.

@@ -45,9 +45,10 @@ from tasks.rewards.base import _looks_like_path
 PEAK_TFLOPS = 989.4  # H100 SXM5, dense bf16 tensor cores (1979 TFLOP/s with 2:4 sparsity, half of it dense)
 UTILISATION = 0.40   # model-FLOPs utilisation assumed for diffusion training/inference at 512 px
 TRAIN_NFE_FACTOR = 2.0
-# TFLOP per call at 512 px, counted by `count_flops` (UNet: one NFE, batch 1; VAE: one decode of one image).
-UNET_TFLOP = {"sd-turbo": 0.804, "sdxl-turbo": 1.589}
-VAE_DECODE_TFLOP = {"sd-turbo": 2.515, "sdxl-turbo": 2.515}
+# TFLOP per call at 512 px (FLUX, SD3.5: their 1024 px and transformer), counted by `count_flops` (UNet or
+# transformer: one NFE, batch 1; VAE: one decode of one image).
+UNET_TFLOP = {"sd-turbo": 0.804, "sdxl-turbo": 1.589, "flux-schnell": 69.47, "sd35-large-turbo": 31.12}
+VAE_DECODE_TFLOP = {"sd-turbo": 2.515, "sdxl-turbo": 2.515, "flux-schnell": 10.47, "sd35-large-turbo": 10.47}
 # TFLOP per scored image: CLIP ViT-H/14 (PickScore, HPSv2) 0.335 image + 0.047 text; CLIP ViT-L/14 0.162 image
 # + 0.013 text (CLIPScore; the aesthetic predictor uses the image tower only); ImageReward's BLIP ViT-L/16 0.123
 # + its 35-token BERT with cross-attention ~0.015. Counted the same way from the transformers configs.
@@ -71,6 +72,20 @@ REAL_UNET = {
 }
 REAL_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
+# The rectified-flow transformers (FluxTransformer2DModel / SD3Transformer2DModel kwargs of the hub configs; 11.9B and
+# 8.1B parameters) at 1024 px (a 128x128 latent, 16 channels, in their VAE), with their text tokens per prompt
+# (FLUX.1-schnell: 256 T5; SD3: 77 CLIP + 256 T5). `count_flops` counts them like the UNets.
+REAL_TRANSFORMER = {
+    "flux-schnell": ("FluxTransformer2DModel", 256, dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))),
+    "sd35-large-turbo": ("SD3Transformer2DModel", 333, dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+        joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192, qk_norm="rms_norm")),
+}
+FLOW_VAE = {**REAL_VAE, "latent_channels": 16, "sample_size": 1024, "use_quant_conv": False,
+            "use_post_quant_conv": False}
 
 
 
@@ -159,7 +174,7 @@ def model_flops(cfg: dict) -> dict[str, float]:
     if (name, path) not in _FLOPS_CACHE:
         if zoo.get(name).family == "toy":  # pixel-space UNet2DModel: no FLOP model here
             _FLOPS_CACHE[name, path] = {"unet": 0.0, "vae_decode": 0.0}
-        elif path is not None and (Path(path) / "unet" / "config.json").is_file():
+        elif path is not None and any((Path(path) / d / "config.json").is_file() for d in ("unet", "transformer")):
             _FLOPS_CACHE[name, path] = count_flops(Path(path))
         else:
             _FLOPS_CACHE[name, path] = {"unet": UNET_TFLOP.get(name, 0.0), "vae_decode": VAE_DECODE_TFLOP.get(name, 0.0)}
@@ -174,6 +189,8 @@ def count_flops(source: str | Path) -> dict[str, float]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
+    if str(source) in REAL_TRANSFORMER or (Path(source) / "transformer" / "config.json").is_file():
+        return count_transformer_flops(source)
     if isinstance(source, Path) or str(source) not in REAL_UNET:
         folder = Path(source)
         unet_cfg = UNet2DConditionModel.load_config(folder / "unet")
@@ -199,6 +216,42 @@ def count_flops(source: str | Path) -> dict[str, float]:
             with FlopCounterMode(display=False) as counter:
                 vae.decode(torch.zeros(1, int(vae.config.latent_channels), side, side))
             out["vae_decode"] = counter.get_total_flops() / 1e12
+    return out
+
+
+def count_transformer_flops(source: str | Path) -> dict[str, float]:
+    """`count_flops` for the flow transformers (FLUX: 2x2-packed latent tokens; SD3: patches), batch 1, with the
+    model's text tokens (a folder: 16, the tiny tokenizers' length), and one decode of their 16-channel VAE."""
+    import diffusers
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if str(source) in REAL_TRANSFORMER:
+        cls_name, tokens, cfg = REAL_TRANSFORMER[str(source)]
+        vae_cfg = dict(FLOW_VAE)
+    else:
+        cfg = json.loads((Path(source) / "transformer" / "config.json").read_text())
+        cls_name, tokens = cfg["_class_name"], 16
+        vae_cfg = diffusers.AutoencoderKL.load_config(Path(source) / "vae")
+    side = int(vae_cfg["sample_size"]) // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    with torch.device("meta"):
+        model = getattr(diffusers, cls_name).from_config(cfg)
+        c = model.config
+        kw = dict(encoder_hidden_states=torch.zeros(1, tokens, c.joint_attention_dim), timestep=torch.ones(1),
+                  pooled_projections=torch.zeros(1, c.pooled_projection_dim))
+        if cls_name == "FluxTransformer2DModel":
+            n = (side // 2) ** 2
+            kw.update(hidden_states=torch.zeros(1, n, c.in_channels), img_ids=torch.zeros(n, 3),
+                      txt_ids=torch.zeros(tokens, 3), guidance=torch.ones(1) if c.guidance_embeds else None)
+        else:
+            kw.update(hidden_states=torch.zeros(1, c.in_channels, side, side))
+        with FlopCounterMode(display=False) as counter:
+            model(**kw)
+        out = {"unet": counter.get_total_flops() / 1e12, "unet_params": sum(p.numel() for p in model.parameters())}
+        vae = diffusers.AutoencoderKL.from_config(vae_cfg)
+        with FlopCounterMode(display=False) as counter:
+            vae.decode(torch.zeros(1, int(vae.config.latent_channels), side, side))
+        out["vae_decode"] = counter.get_total_flops() / 1e12
     return out
 
 
@@ -285,8 +338,9 @@ def format_plan(p: Plan) -> str:
         if not flops["unet"]:
             lines.append(f"  assumed throughput: none for {key[0]} (a CPU-sized model; GPU-hours are not estimated)")
             continue
-        where = f" (the local folder {key[1]})" if key[1] else " at 512 px"
-        lines.append(f"  assumed throughput: the {key[0]} UNet{where} costs {flops['unet']:.3g} TFLOP per NFE (forward, "
+        net, px = ("transformer", 1024) if key[0] in REAL_TRANSFORMER else ("UNet", 512)
+        where = f" (the local folder {key[1]})" if key[1] else f" at {px} px"
+        lines.append(f"  assumed throughput: the {key[0]} {net}{where} costs {flops['unet']:.3g} TFLOP per NFE (forward, "
                      f"batch 1, counted on the meta device), a VAE decode {flops['vae_decode']:.3g} TFLOP per image; "
                      f"a training NFE counts {TRAIN_NFE_FACTOR:g}x (sampling forwards 1x, forward+backward 3x); "
                      f"reward models per scored image: "

@@ -1,16 +1,17 @@
-"""Stand-in runs: a real grid (sdxl-turbo, sd-turbo) on the CPU with tiny random-weight models of the real classes.
+"""Stand-in runs: a real grid (sdxl-turbo, sd-turbo, flux-schnell, sd35-large-turbo) on the CPU with tiny random-weight models of the real classes.
 
     python -m bench.standin sdxl-turbo                    # build (once) and print the overrides + environment
     python -m bench.standin sdxl-turbo --write spec.json  # ... also as JSON (what `nox -s bench-sdxl-turbo -- --stand-in` reads)
 
 Built under ``--root`` (default ``.stepbench-standin/``), offline and seeded: ``models/<model>/``, a save_pretrained
-folder of the tiny pipeline (tasks.tiny), which the grid loads through ``model.path``; ``hub/``, a private Hugging Face
+folder of the tiny pipeline (tasks.tiny; tasks.tiny_flow for FLUX / SD3), which the grid loads through ``model.path``;
+``hub/``, a private Hugging Face
 cache of tiny reward models under the REAL hub ids in the published checkpoint layouts (PickScore, HPSv2, ImageReward,
 the LAION aesthetic MLP on CLIP ViT-L/14, their tokenizers), so with ``HF_HUB_CACHE`` there and ``HF_HUB_OFFLINE=1``
 the reward code runs its real path (hub id -> cache -> checkpoint conversion); ``mlflow.db``, the stand-in's own store.
 The overrides keep every method and training step count of the grid with its first reward and seed, recipe=standin,
 tiny budgets and evaluation n, float32 on the CPU, two joblib workers. The numbers are meaningless: a stand-in run
-checks that the SD/SDXL code path runs end to end.
+checks that the SD/SDXL/FLUX/SD3 code path runs end to end.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from torch import nn
 import tasks.models as zoo
 from bench.grid import CONF_DIR
 from tasks.rewards import aesthetic, clipscore, hpsv2, imagereward, pickscore
-from tasks.tiny import BUILDERS
+from tasks.tiny import BUILDERS as VP_BUILDERS
+from tasks.tiny_flow import BUILDERS as FLOW_BUILDERS
 
 DEFAULT_ROOT = Path(".stepbench-standin")
+BUILDERS = {**VP_BUILDERS, **FLOW_BUILDERS}
 VERSION = "2"  # bump when the assets change: existing folders are rebuilt
-MODELS = ("sd-turbo", "sdxl-turbo")
+MODELS = ("sd-turbo", "sdxl-turbo", "flux-schnell", "sd35-large-turbo")
 _COMMIT = hashlib.sha1(f"stepbench-standin-v{VERSION}".encode()).hexdigest()  # the private cache's refs/main
 
 # Tiny sizes. Heads follow the real models where the conversion code hard-codes them (ViT-H/14: 16 vision and

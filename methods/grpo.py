@@ -320,7 +320,8 @@ class GRPOMethod:
         Deviation("the VP/DDIM stochastic step with CPS noise sqrt(1 - abar_prev) sin(eta pi / 2) (paper: the flow-matching "
                   "SDE step, sigma_t = 0.7 sqrt(t / (1 - t)))",
                   "SD-Turbo, SDXL-Turbo and the toy are VP epsilon/v models; CPS is Flow-GRPO's own marginal-preserving "
-                  "rule and the SDE step applies to flow models only (a later issue)", "methods/sampling.py noise_rule"),
+                  "rule. On the flow models (flux-schnell, sd35-large-turbo) the same rule runs on the flow kernel; "
+                  "method.noise_rule=sde is the paper's SDE step there", "methods/sampling.py noise_rule"),
         Deviation("the last step is deterministic and never trained, so K = 1 cells are n/a (paper: timestep_fraction "
                   "0.99 drops it from the loss at 10 steps)", "a 1-step model has no stochastic transition left to "
                   "train; it is evaluated at S = 1 after training at K >= 2", "methods/grpo.py Config.min_train_steps"),

@@ -157,6 +157,8 @@ def renoise(kernel: str, scheduler, x0: torch.Tensor, t: int, noise: torch.Tenso
     """A sample of q(x_t | x0) in the kernel's latent parameterisation (see methods.sampling):
     DDIM / LCM: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise;  Euler: x0 + sigma_t noise, sigma_t = sqrt((1 - abar_t) / abar_t).
     """
+    if kernel == sampling.FLOW:  # (1 - s) x0 + s noise
+        return sampling.add_noise(kernel, scheduler, x0, t, noise).to(x0.dtype)
     abar = scheduler.alphas_cumprod[int(t)].double()
     if kernel == "euler_ancestral":
         return (x0.double() + ((1 - abar) / abar).sqrt() * noise.double()).to(x0.dtype)
@@ -316,7 +318,8 @@ class InferenceScalingMethod:
                 best_scores, best_images, _ = keep_better(best_scores, best_images, scores, traj.images)
             x0_pred = traj.x0_preds[:, b - 1]  # the clean prediction made at step b-1, (B, C, h, w)
             for _ in range(1, cfg.paths_branches):
-                x_t = renoise(traj.kernel, policy.scheduler_for(traj.kernel), x0_pred, int(traj.timesteps[b]),
+                t_b = traj.timesteps[b] if traj.kernel == sampling.FLOW else int(traj.timesteps[b])
+                x_t = renoise(traj.kernel, policy.scheduler_for(traj.kernel), x0_pred, t_b,
                               self._candidate_noise(x0_pred, gen))
                 images = sampling.continue_from(policy, x_t, b, num_steps, cond=traj.cond, kernel=traj.kernel,
                                                 eta=0.0, record=False).images

@@ -408,9 +408,11 @@ class NFTMethod:
 
         # The training view is the VP forward process on the DDIM tables (Euler kernels see the same x_t after their
         # input scaling), at the K-step grid's own timesteps (module docstring).
-        scheduler = policy.scheduler_for("ddim")
+        # A flow model trains on its own forward process x_t = (1 - s) x0 + s eps, x0_hat = x_t - s v.
+        flow = policy.spec.scheduler == sampling.FLOW
+        scheduler = policy.scheduler_for(sampling.FLOW if flow else "ddim")
         grid, _ = sampling.timestep_grid(policy.scheduler_for(policy.spec.scheduler), num_steps, policy.spec.scheduler)
-        abar_table = scheduler.alphas_cumprod.double()
+        abar_table = None if flow else scheduler.alphas_cumprod.double()
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
         trained = cfg.trained_timesteps(num_steps)
         per_update = n // cfg.updates_per_epoch // cfg.train_batch_size
@@ -429,11 +431,10 @@ class NFTMethod:
                 rows_dev = rows.to(policy.device)
                 sub = cond.select(rows)
                 for j in range(trained):
-                    t = grid[columns[rows, j]]  # (b,) long
-                    abar = abar_table[t]
+                    t = grid[columns[rows, j]]  # (b,) long (flow: float)
                     eps = torch.randn(x0[rows_dev].shape, generator=generators["noise"],
                                       device=generators["noise"].device).to(policy.device)
-                    x_t = sampling.add_noise("ddim", scheduler, x0[rows_dev], t, eps)
+                    x_t = sampling.add_noise(sampling.FLOW if flow else "ddim", scheduler, x0[rows_dev], t, eps)
                     t_dev = t.to(policy.device)
                     with _swapped(params, old):
                         out_old = policy.predict(x_t, t_dev, sub)
@@ -442,8 +443,12 @@ class NFTMethod:
                     if cfg.kl_beta > 0:
                         with policy.reference():
                             out_ref = policy.predict(x_t, t_dev, sub)
-                    x0_theta, _ = sampling.x0_and_eps(prediction_type, out_theta, x_t, abar)
-                    x0_old, _ = sampling.x0_and_eps(prediction_type, out_old, x_t, abar)
+                    if flow:
+                        s = (t.float() / scheduler.config.num_train_timesteps).view(-1, 1, 1, 1).to(x_t.device)
+                        x0_theta, x0_old = x_t - s * out_theta, x_t - s * out_old
+                    else:
+                        x0_theta, _ = sampling.x0_and_eps(prediction_type, out_theta, x_t, abar_table[t])
+                        x0_old, _ = sampling.x0_and_eps(prediction_type, out_old, x_t, abar_table[t])
                     value, info = loss(x0_theta, x0_old, x0[rows_dev], r[rows_dev], beta=cfg.beta,
                                        loss_scale=cfg.adv_clip_max, kl_beta=cfg.kl_beta, out_theta=out_theta,
                                        out_ref=out_ref)

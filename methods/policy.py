@@ -127,6 +127,7 @@ class Policy(torch.nn.Module):
         device="cpu",
         dtype: torch.dtype = torch.float32,
         gradient_checkpointing: bool = False,
+        offload_text_encoders: bool | None = None,
     ):
         super().__init__()
         if spec.family not in FAMILIES:
@@ -154,6 +155,16 @@ class Policy(torch.nn.Module):
             if module is not None:
                 module.requires_grad_(False).eval()
         self.pipeline = pipeline  # not an nn.Module: a plain attribute
+        # FLUX's / SD3's T5-XXL (4.7B parameters, ~9.5 GB in bf16) waits on the CPU and visits the device only to
+        # encode (None: on for the flow families off the CPU), so the transformer's training fits one 80 GB GPU.
+        if offload_text_encoders is None:
+            offload_text_encoders = spec.family in FLOW_FAMILIES and self.device.type != "cpu"
+        self.offload_text_encoders = bool(offload_text_encoders)
+        self._text_encoders = [m for m in (getattr(pipeline, n, None) for n in
+                                           ("text_encoder", "text_encoder_2", "text_encoder_3")) if m is not None]
+        if self.offload_text_encoders:
+            for module in self._text_encoders:
+                module.to("cpu")
         # registered submodule, the only one that trains: the UNet, or the flow models' transformer
         self.unet = pipeline.transformer if spec.family in FLOW_FAMILIES else pipeline.unet
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -240,7 +251,17 @@ class Policy(torch.nn.Module):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Encode prompts (and, with CFG, the empty negative prompt) exactly as the pipeline's __call__ does."""
-        prompts = list(prompts)
+        if self.offload_text_encoders:
+            for module in self._text_encoders:
+                module.to(self.device)
+            try:
+                return self._encode(list(prompts))
+            finally:
+                for module in self._text_encoders:
+                    module.to("cpu")
+        return self._encode(list(prompts))
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
         cfg = self.nfe_per_predict == 2
         pipe = self.pipeline
         tensors: dict[str, torch.Tensor] = {}

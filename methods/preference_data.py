@@ -14,6 +14,8 @@ Denoising error (§2.2 "code form"): for a clean latent x0, noise eps and timest
     err = mean over the C*h*w elements of (model(x_t, t, c) - target)^2
 with target = eps (epsilon-prediction), v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v-prediction) or x0
 ("sample"), read from the scheduler config. The element MEAN (not sum) is what makes beta = 5000 the right scale.
+Flow models (FlowMatchEulerDiscreteScheduler) use their own forward process and velocity target, the loss they were
+trained with: x_t = (1 - s) x0 + s eps, target v = eps - x0, s = t / num_train_timesteps (`forward_process`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,32 @@ def alphas_cumprod(scheduler, t: torch.Tensor) -> torch.Tensor:
     return table[t.long()].view(-1, 1, 1, 1)
 
 
+def is_flow(scheduler) -> bool:
+    """A rectified-flow model's scheduler (velocity prediction, x_s = (1 - s) x0 + s eps)."""
+    return "FlowMatch" in type(scheduler).__name__
+
+
+def _flow_s(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """s = t / num_train_timesteps for timesteps t (B,), float32, shaped (B, 1, 1, 1)."""
+    return (t.float() / float(scheduler.config.num_train_timesteps)).view(-1, 1, 1, 1)
+
+
+def forward_process(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor):
+    """(x_t, target): the model's forward process at timesteps t (B,) and what its denoiser should output there.
+    VP: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, target eps / v / x0; flow: x_t = (1 - s) x0 + s eps, v = eps - x0."""
+    if is_flow(scheduler):
+        s = _flow_s(scheduler, t)
+        return (1 - s) * x0 + s * eps, eps - x0
+    abar = alphas_cumprod(scheduler, t)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    return x_t, denoising_target(scheduler.config.prediction_type, x0, eps, abar)
+
+
 def add_noise(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (VP form: the denoiser's input for every kernel)."""
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (VP form: the denoiser's input for every kernel); a flow model's
+    (1 - s) x0 + s eps."""
+    if is_flow(scheduler):
+        return forward_process(scheduler, x0, eps, t)[0]
     abar = alphas_cumprod(scheduler, t)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
 
@@ -66,10 +92,7 @@ def denoising_errors(policy, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tenso
 
     Gradients flow to the adapters unless called under `policy.reference()` / `torch.no_grad()`.
     """
-    scheduler = policy.scheduler
-    abar = alphas_cumprod(scheduler, t)
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-    target = denoising_target(scheduler.config.prediction_type, x0, eps, abar)
+    x_t, target = forward_process(policy.scheduler, x0, eps, t)
     output = policy.predict(x_t, t, cond).float()
     return (output - target.float()).pow(2).flatten(1).mean(dim=1)
 
@@ -83,11 +106,12 @@ def own_noise(traj, policy) -> torch.Tensor:
 
 
 def grid_timesteps(policy, num_steps: int) -> torch.Tensor:
-    """The model's own K-step sampling grid (e.g. [999, 749, 499, 249] for K=4, trailing), long (K,)."""
+    """The model's own K-step sampling grid (e.g. [999, 749, 499, 249] for K=4, trailing), long (K,); a flow
+    model's float timesteps s * 1000."""
     from methods import sampling
 
     timesteps, _ = sampling.timestep_grid(policy.scheduler, num_steps)
-    return timesteps.long().cpu()
+    return timesteps.cpu() if is_flow(policy.scheduler) else timesteps.long().cpu()
 
 
 def draw_timesteps(mode: str, grid: torch.Tensor, num_train_timesteps: int, shape: tuple[int, int],

@@ -37,10 +37,12 @@ a timetable.
   the Euler-Maruyama step of the reverse SDE that keeps the ODE's marginals, with noise_rule
       "sde"   (Flow-GRPO's `sde_step_with_logprob`, default): sigma_t = eta sqrt(s / (1 - s)); at s = 1 the code puts
               the grid's next sigma in the denominator (its `sigma_max = sigmas[1]`), kept here;
-      "dance" (DanceGRPO's `flux_step` with its SDE correction): sigma_t = eta, constant.
+      "dance" (DanceGRPO's `flux_step` with its SDE correction): sigma_t = eta, constant;
+      "cps"   (coefficient-preserving, as the "ddim" kernel's): mean = (1 - s_next) x0_hat + s_next cos(eta pi/2) n_hat,
+              std = s_next sin(eta pi / 2), with n_hat = x + (1 - s) v the implied noise; the last step is deterministic.
   eta = 0 is exactly the scheduler's Euler step mean = x + dt v. Unlike DDIM, the last step (s_next = 0) is stochastic
-  under both rules (std = sigma_t sqrt(s)), as in their code. The "ddim" noise_rule name, the default of every
-  method, selects "sde" on this kernel.
+  under "sde" and "dance" (std = sigma_t sqrt(s)), as in their code. The "ddim" noise_rule name, the default of every
+  method, selects "sde" on this kernel; on a flow model every VP kernel name selects this kernel (`kernel_for`).
 
 Log-probabilities are the per-element MEAN over C*H*W of the Gaussian log-density (DDPO/SDPO/SPO convention):
       log p = mean[-(x_next - mean)^2 / (2 std^2)] - log std - 0.5 log(2 pi)
@@ -66,7 +68,7 @@ FLOW = "flow_euler"
 NOISE_RULES = ("ddim", "cps", "sde", "dance")
 """How a kernel sets its std from eta: "ddim" kernel: DDIM-eta (DDPO, SDPO) or coefficient-preserving (Flow-GRPO's
 CPS); "flow_euler" kernel: Flow-GRPO's SDE or DanceGRPO's constant eta ("ddim" selects "sde" there)."""
-FLOW_NOISE_RULES = ("sde", "dance")
+FLOW_NOISE_RULES = ("sde", "dance", "cps")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -126,10 +128,11 @@ def _check_noise_rule(kernel: str, noise_rule: str) -> str:
             raise ValueError(f"noise_rule {noise_rule!r} is not a rule of the 'flow_euler' kernel; available: "
                              f"{', '.join(FLOW_NOISE_RULES)} (or 'ddim', which selects 'sde')")
         return noise_rule
-    if noise_rule in FLOW_NOISE_RULES:
+    if noise_rule in ("sde", "dance"):
         raise ValueError(f"noise_rule {noise_rule!r} is a rule of the 'flow_euler' kernel; got kernel {kernel!r}")
-    if noise_rule != "ddim" and kernel != "ddim":
-        raise ValueError(f"noise_rule {noise_rule!r} is a rule of the 'ddim' kernel; got kernel {kernel!r}")
+    if noise_rule == "cps" and kernel != "ddim":
+        raise ValueError(f"noise_rule {noise_rule!r} is a rule of the 'ddim' and 'flow_euler' kernels; got kernel "
+                         f"{kernel!r}")
     return noise_rule
 
 
@@ -179,6 +182,15 @@ def _check_kernel(kernel: str) -> str:
 
         raise UnknownNameError("sampling kernel", kernel, list(KERNELS))
     return kernel
+
+
+def kernel_for(policy: Policy, kernel: str | None) -> str:
+    """The kernel that runs for a method's `kernel` setting: the model's own when None. On a flow model every VP
+    kernel name ("ddim", "euler_ancestral", "lcm": a method's stochastic step written for epsilon models) selects
+    "flow_euler", the one step a velocity model has (recorded as the trajectory's kernel)."""
+    own = policy.spec.scheduler
+    kernel = _check_kernel(kernel or own)
+    return FLOW if own == FLOW else kernel
 
 
 def _default_kernel(scheduler) -> str:
@@ -376,6 +388,11 @@ def flow_transition(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t,
     if eta == 0:  # the scheduler's own Euler step, in its float32 arithmetic
         dt32 = s_next.to(torch.float32) - s.to(torch.float32)
         return x + _broadcast(dt32, x) * v, _broadcast(torch.zeros_like(s), x), x0
+    if noise_rule == "cps":  # noise part kept at the grid's coefficient s_next, split between n_hat and fresh noise
+        std = s_next * math.sin(eta * math.pi / 2)
+        noise_hat = x + _broadcast(1 - s, x) * v  # the noise implied by v = noise - x0
+        mean = _broadcast(1 - s_next, x) * x0 + _broadcast(s_next * math.cos(eta * math.pi / 2), x) * noise_hat
+        return mean, _broadcast(std, x), x0
     if noise_rule == "dance":
         sigma_t = torch.full_like(s, float(eta))
     else:  # Flow-GRPO: sqrt(s / (1 - s)), its s = 1 denominator taken at the grid's next sigma
@@ -431,7 +448,7 @@ def sample(
     only `final_latents` and `images` (no per-step latents, log-probs or x0 predictions). noise_rule: the "ddim"
     kernel's std rule ("ddim" | "cps"); sde_steps: grid indices of the stochastic steps (None = all), eta 0 elsewhere.
     """
-    kernel = _check_kernel(kernel or policy.spec.scheduler)
+    kernel = kernel_for(policy, kernel)
     scheduler = policy.scheduler_for(kernel)
     if cond is None:
         if prompts is None:
@@ -484,7 +501,7 @@ def continue_from(
     if num_steps is None:
         raise ValueError("continue_from needs num_steps (or the trajectory x_t came from as traj=...)")
     eta = 1.0 if eta is None else eta
-    kernel = _check_kernel(kernel or policy.spec.scheduler)
+    kernel = kernel_for(policy, kernel)
     noise_rule = _check_noise_rule(kernel, noise_rule or "ddim")
     if sde_steps is not None:
         sde_steps = tuple(sorted({int(g) for g in sde_steps}))
@@ -592,7 +609,7 @@ def stochastic_steps(policy: Policy, num_steps: int, eta: float, kernel: str | N
     """(K,) bool: which of the K transitions have std > 0 (hence a log-prob) at this kernel, grid, eta, noise rule
     and SDE window. The std of every kernel depends only on (t, t_prev, eta), so a dummy transition answers it
     before sampling."""
-    kernel = kernel or policy.spec.scheduler
+    kernel = kernel_for(policy, kernel)
     scheduler = policy.scheduler_for(kernel)
     timesteps, prev = timestep_grid(scheduler, num_steps, kernel)
     dummy = torch.zeros(1, 1, 1, 1)

@@ -34,11 +34,10 @@ from methods.common import (
     generator,
 )
 from methods.preference_data import (
-    alphas_cumprod,
     check_run_length,
-    denoising_target,
     describe,
     draw_timesteps,
+    forward_process,
     grid_timesteps,
     own_noise,
     pick_prompts,
@@ -185,9 +184,7 @@ class SFTMethod:
                 eps = z_all[rows] if z_all is not None else torch.randn(x0.shape, generator=gen).to(x0.device)
                 t = draw_timesteps(cfg.timesteps, grid, scheduler.config.num_train_timesteps, (len(rows), 1),
                                    gen).flatten().to(x0.device)
-                abar = alphas_cumprod(scheduler, t)
-                x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-                target = denoising_target(scheduler.config.prediction_type, x0, eps, abar)
+                x_t, target = forward_process(scheduler, x0, eps, t)  # VP, or a flow model's velocity target
                 cond = traj.cond.select(rows)
                 optimizer.zero_grad(set_to_none=True)
                 value = loss(policy.predict(x_t, t, cond), target)

@@ -61,7 +61,7 @@ from methods.common import (
 )
 from methods.common import generator as make_generator
 from methods.preference_data import add_noise as vp_add_noise
-from methods.preference_data import alphas_cumprod, denoising_target
+from methods.preference_data import alphas_cumprod, denoising_target, is_flow
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +235,15 @@ def _alpha_bar(scheduler, t: int, like: torch.Tensor) -> torch.Tensor:
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
     """q(x_t | x0) at one path step t (an int), in float32: `preference_data.add_noise`, the VP form the DDIM kernel
     steps from. Not `scheduler.add_noise`: on the turbo models' Euler schedulers that is x0 + sigma eps."""
-    return vp_add_noise(scheduler, x0.float(), noise.float(), torch.tensor([int(t)], device=x0.device))
+    t = float(t) if is_flow(scheduler) else int(t)  # a flow model's (1 - s) x0 + s eps at float t = s * 1000
+    return vp_add_noise(scheduler, x0.float(), noise.float(), torch.tensor([t], device=x0.device))
 
 
 def epsilon_from_output(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """The noise prediction eps_hat implied by the model output under the scheduler's `prediction_type`."""
+    """The noise prediction eps_hat implied by the model output under the scheduler's `prediction_type` (a flow
+    model's velocity: eps_hat = x_t + (1 - s) v)."""
+    if is_flow(scheduler):
+        return x_t.float() + (1 - float(t) / scheduler.config.num_train_timesteps) * model_output.float()
     return sampling.x0_and_eps(scheduler.config.prediction_type, model_output.float(), x_t.float(),
                                _alpha_bar(scheduler, t, x_t))[1]
 
@@ -252,6 +256,8 @@ def denoising_loss(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: 
     "native": mean((output - target)^2), target = what the model predicts for (x0_k, eps_k) at t (eps_k, v or x0)."""
     if space == "epsilon":
         error = epsilon_from_output(scheduler, model_output, x_t, t) - eps.float()
+    elif space == "native" and is_flow(scheduler):  # the velocity target v = eps - x0
+        error = model_output.float() - (eps.float() - x0.float())
     elif space == "native":
         target = denoising_target(scheduler.config.prediction_type, x0.float(), eps.float(), _alpha_bar(scheduler, t, x_t))
         error = model_output.float() - target
@@ -301,16 +307,19 @@ class SharpeningMethod:
         """[(t_m, t_prev_m)] for the M steps of one path; t_prev = -1 is the final step (DDIM's
         final_alpha_cumprod)."""
         cfg = self.config
+        flow = is_flow(scheduler)  # float timesteps s * 1000, final target 0 (sigma 0) instead of -1
         if cfg.timestep_sampling == "grid":
-            timesteps, prev_timesteps = sampling.timestep_grid(scheduler, num_steps, KERNEL)
+            timesteps, prev_timesteps = sampling.timestep_grid(scheduler, num_steps, sampling.FLOW if flow else KERNEL)
             length = min(cfg.trajectory_steps, len(timesteps))
             start = int(torch.randint(len(timesteps) - length + 1, (1,), generator=gen))
-            return [(int(timesteps[i]), int(prev_timesteps[i])) for i in range(start, start + length)]
+            as_t = float if flow else int
+            return [(as_t(timesteps[i]), as_t(prev_timesteps[i])) for i in range(start, start + length)]
         total = int(scheduler.config.num_train_timesteps)
         stride = total // num_steps
-        t = int(torch.randint(total, (1,), generator=gen))
+        t = int(torch.randint(total, (1,), generator=gen)) + int(flow)  # flow: t in 1 .. T (s > 0)
         length = min(cfg.trajectory_steps, 1 + t // stride)
-        return [(t - stride * m, t - stride * (m + 1) if t - stride * (m + 1) >= 0 else -1) for m in range(length)]
+        final = 0 if flow else -1
+        return [(t - stride * m, t - stride * (m + 1) if t - stride * (m + 1) >= 0 else final) for m in range(length)]
 
     def generated_images(self) -> int:
         """Start images generated per prompt at most: n for RLHF (from the current policy), sft_start_candidates for
@@ -340,7 +349,8 @@ class SharpeningMethod:
         generator) of the SFT start images; else start_set: {prompt: x0} of SFT's reward-selected start images."""
         cfg = self.config
         n, npp = cfg.num_samples, int(policy.nfe_per_predict)
-        scheduler = policy.scheduler_for(KERNEL)
+        kernel = sampling.kernel_for(policy, KERNEL)
+        scheduler = policy.scheduler_for(kernel)
         prompts = [prompt] * n
         cond = policy.encode_prompts(prompts)
         noise = torch.randn((n, *policy.latent_shape), generator=gen, device=gen.device).to(policy.device)
@@ -384,7 +394,7 @@ class SharpeningMethod:
             path_latents.append(x.detach())
             model_output = policy.predict(x, t, cond)
             step_losses.append(denoising_loss(scheduler, model_output, x, t, x0, noise, cfg.loss_space))
-            x_next, _, x0_pred = sampling.transition(KERNEL, scheduler, model_output, x, t, t_prev, 0.0)
+            x_next, _, x0_pred = sampling.transition(kernel, scheduler, model_output, x, t, t_prev, 0.0)
             with torch.no_grad():
                 scores = reward(policy.decode(x0_pred.detach()), prompts)
             step_rewards.append(torch.as_tensor(scores).detach().float().reshape(-1).to(x.device))
@@ -418,7 +428,7 @@ class SharpeningMethod:
         optimizer = build_optimizer(params, cfg)
         prompt_gen, path_gen = make_generator(task.seed), make_generator(task.seed + 1)
         noise_gen = make_generator(task.seed + 2, task.device)
-        scheduler = policy.scheduler_for(KERNEL)
+        scheduler = policy.scheduler_for(sampling.kernel_for(policy, KERNEL))
         dataset = None
         if cfg.variant == "sft" and cfg.dataset:
             from methods.preference_data import OfflineDatasetPairs

@@ -150,11 +150,13 @@ def cache_path(cache_dir: str | Path, model: str, reward: str, settings: SPMSett
 
 def _x0_predictions(policy, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
     """Clean-sample predictions of the initial model at the VP-form states x_t (B, C, h, w), timesteps t (B,)."""
-    from methods.preference_data import alphas_cumprod
+    from methods.preference_data import _flow_s, alphas_cumprod, is_flow
 
-    abar = alphas_cumprod(policy.scheduler, t.to(x_t.device))
     with policy.reference():
         out = policy.predict(x_t, t.to(x_t.device), cond).float()
+    if is_flow(policy.scheduler):  # x0 = x_s - s v
+        return x_t - _flow_s(policy.scheduler, t.to(x_t.device)) * out
+    abar = alphas_cumprod(policy.scheduler, t.to(x_t.device))
     kind = policy.scheduler.config.prediction_type
     if kind == "epsilon":
         return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()

@@ -258,22 +258,25 @@ def collect_stepwise_pairs(policy, prompts: list[str], num_steps: int, scorer: C
     B, k, device = len(prompts), num_candidates, policy.device
     rows = torch.arange(B, device=device)
     noise = torch.randn((B, *policy.latent_shape), generator=generator).to(device)
-    x = noise * float(scheduler.init_noise_sigma)
+    x = noise * float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow schedulers start at sigma 1: none
     t0 = timesteps[0].to(device)
-    out = policy.predict(sampling.model_input(kernel, scheduler, x, int(timesteps[0])), t0, cond)
+    # grid timesteps as python numbers: ints, or a flow model's floats s * 1000
+    timesteps, prev = (timesteps.tolist(), prev.tolist()) if kernel == sampling.FLOW else (timesteps, prev)
+    as_t = float if kernel == sampling.FLOW else int
+    out = policy.predict(sampling.model_input(kernel, scheduler, x, as_t(timesteps[0])), t0, cond)
     parents, wins, losses, steps, prompt_rows, pools = [], [], [], [], [], 0
     for i in range(num_steps):
-        t, t_prev = int(timesteps[i]), int(prev[i])
+        t, t_prev = as_t(timesteps[i]), as_t(prev[i])
         mean, std, _ = sampling.transition(kernel, scheduler, out, x, t, t_prev, eta)
         stochastic = float(std) > 0
         if start_step <= i < num_steps - 1 and stochastic:
             eps = torch.randn((B, k, *x.shape[1:]), generator=generator).to(device)
             candidates = (mean.unsqueeze(1) + std * eps).flatten(0, 1)          # (B*k, C, h, w), rows p*k + j
-            t_next = int(timesteps[i + 1])
+            t_next = as_t(timesteps[i + 1])
             cond_k = cond.repeat(k)
             model_in = sampling.model_input(kernel, scheduler, candidates, t_next)
-            out_c = policy.predict(model_in, timesteps[i + 1].to(device), cond_k)
-            _, _, x0_c = sampling.transition(kernel, scheduler, out_c, candidates, t_next, int(prev[i + 1]), eta)
+            out_c = policy.predict(model_in, torch.as_tensor(t_next, device=device), cond_k)
+            _, _, x0_c = sampling.transition(kernel, scheduler, out_c, candidates, t_next, as_t(prev[i + 1]), eta)
             scores = scorer(model_in, x0_c, t_next, cond_k).float().view(B, k)
             best, worst = scores.argmax(dim=1), scores.argmin(dim=1)
             keep = keep_pair(scores[rows, best], scores[rows, worst], threshold) & (best != worst)
@@ -291,8 +294,8 @@ def collect_stepwise_pairs(policy, prompts: list[str], num_steps: int, scorer: C
         else:
             x = mean + std * torch.randn(x.shape, generator=generator).to(device) if stochastic else mean
             if i < num_steps - 1:
-                out = policy.predict(sampling.model_input(kernel, scheduler, x, int(timesteps[i + 1])),
-                                     timesteps[i + 1].to(device), cond)
+                out = policy.predict(sampling.model_input(kernel, scheduler, x, as_t(timesteps[i + 1])),
+                                     torch.as_tensor(timesteps[i + 1], device=device), cond)
     shape = (0, *policy.latent_shape)
     cat = lambda parts, empty: torch.cat(parts) if parts else empty  # noqa: E731
     return StepPairs(parent=cat(parents, torch.zeros(shape)), win=cat(wins, torch.zeros(shape)),
@@ -402,7 +405,7 @@ class SPOMethod:
                              f"last: train_steps must be >= {cfg.min_train_steps()}, got {K}")
         check_run_length(budget, cfg.max_updates)
         self.updates = 0
-        kernel = cfg.kernel or policy.spec.scheduler
+        kernel = sampling.kernel_for(policy, cfg.kernel)
         gen = generator(task.seed)
         if cfg.preference_model == "spm" and self.spm is None:
             self.spm = self.load_spm(policy, task, tracker, budget)

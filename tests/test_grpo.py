@@ -74,7 +74,7 @@ def test_window_and_min_train_steps():
         grpo.Config(sde_window_size=4).window_width(4)
     with pytest.raises(ValueError, match="must be a multiple of train_batch_size x updates_per_epoch = 32"):
         grpo.Config(group_size=4, groups_per_epoch=2, train_batch_size=16)
-    with pytest.raises(ValueError, match="noise_rule must be one of 'ddim', 'cps'; got 'flow'"):
+    with pytest.raises(ValueError, match="noise_rule must be one of 'ddim', 'cps', 'sde', 'dance'; got 'flow'"):
         grpo.Config(noise_rule="flow")
 
 
@@ -190,4 +190,4 @@ def test_registered_with_presets_and_search_space():
     toy = methods.load("grpo", preset="toy")
     assert toy.config.full_finetune and toy.config.sample_batch_size == toy.config.train_batch_size
     assert set(grpo.Config.search_space()) >= {"lr", "kl_beta", "eta"}
-    assert sampling.NOISE_RULES == ("ddim", "cps")
+    assert sampling.NOISE_RULES == ("ddim", "cps", "sde", "dance")

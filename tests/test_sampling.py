@@ -416,7 +416,7 @@ def test_cps_at_eta_zero_is_the_deterministic_sampler_and_needs_ddim():
     ode = sampling.sample(policy, PROMPTS, 4, noise=noise, eta=0.0)
     cps = sampling.sample(policy, PROMPTS, 4, noise=noise, eta=0.0, noise_rule="cps")
     assert torch.equal(ode.images, cps.images) and cps.stochastic.tolist() == [False] * 4
-    with pytest.raises(ValueError, match="noise_rule 'cps' is a rule of the 'ddim' kernel"):
+    with pytest.raises(ValueError, match="noise_rule 'cps' is a rule of the 'ddim' and 'flow_euler' kernels"):
         sampling.sample(policy, PROMPTS, 2, noise=noise, kernel="lcm", noise_rule="cps")
     with pytest.raises(ValueError, match="unknown noise_rule 'sdx'; available: ddim, cps, sde, dance"):
         sampling.sample(policy, PROMPTS, 2, noise=noise, noise_rule="sdx")

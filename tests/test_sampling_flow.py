@@ -124,17 +124,27 @@ def test_sde_step_worked_values():
     assert float(std) > 0  # the last step stays stochastic in Flow-GRPO's SDE (std = sigma_t sqrt(s))
 
 
-@pytest.mark.parametrize("rule, eta", [("sde", 0.7), ("dance", 0.3)])
+@pytest.mark.parametrize("rule, eta", [("sde", 0.7), ("dance", 0.3), ("cps", 0.8)])
 def test_own_sample_log_prob_is_the_float64_gaussian_density(sd3, rule, eta):
     _, policy = sd3
     traj = sampling.sample(policy, PROMPTS, 4, generator=torch.Generator().manual_seed(2), eta=eta, noise_rule=rule)
-    assert traj.noise_rule == rule and traj.stochastic.tolist() == [True] * 4
+    # Flow-GRPO's and DanceGRPO's last step keeps noise (std = sigma_t sqrt(s)); CPS's ends at std = s_next sin = 0
+    assert traj.noise_rule == rule and traj.stochastic.tolist() == [True] * 3 + [rule != "cps"]
     with torch.no_grad():
         for k in range(4):
             s, s_next = traj.timesteps[k].double() / 1000, traj.prev_timesteps[k].double() / 1000
             x, x_next = traj.latents[:, k].double(), traj.latents[:, k + 1].double()
             v = policy.predict(traj.latents[:, k], traj.timesteps[k], traj.cond).double()
             dt = s_next - s
+            if rule == "cps":
+                if k == 3:
+                    assert torch.isnan(traj.log_probs[:, k]).all()
+                    continue
+                std = s_next * math.sin(eta * math.pi / 2)
+                mean = (1 - s_next) * (x - s * v) + s_next * math.cos(eta * math.pi / 2) * (x + (1 - s) * v)
+                density = torch.distributions.Normal(mean, std).log_prob(x_next).mean((1, 2, 3))
+                assert torch.allclose(traj.log_probs[:, k].double(), density, atol=2e-4), k
+                continue
             if rule == "dance":
                 sigma_t = torch.tensor(eta, dtype=torch.float64)
             else:
@@ -162,7 +172,10 @@ def test_noise_rules_windows_and_errors(flux):
     assert torch.allclose(x_t, 0.5 * ode.final_latents + 0.5 * noise, atol=1e-6)
     rest = sampling.continue_from(policy, ode.latents[:, 2], 2, traj=ode)
     assert torch.equal(rest.final_latents, ode.final_latents)
-    with pytest.raises(ValueError, match="noise_rule 'cps' is not a rule of the 'flow_euler' kernel"):
-        sampling.sample(policy, PROMPTS, 2, noise=noise, noise_rule="cps")
+    # A VP kernel name (a method's default stochastic step) selects the flow kernel on a flow model ...
+    assert sampling.sample(policy, PROMPTS, 2, noise=noise, kernel="ddim", eta=0.0).kernel == "flow_euler"
+    # ... while asking a flow model's scheduler for VP tables, or an SD model for the flow kernel, is refused.
     with pytest.raises(ValueError, match="sampling kernel 'ddim' needs an alphas_cumprod"):
-        sampling.sample(policy, PROMPTS, 2, noise=noise, kernel="ddim")
+        policy.scheduler_for("ddim")
+    with pytest.raises(ValueError, match="noise_rule 'dance' is a rule of the 'flow_euler' kernel; got kernel 'lcm'"):
+        sampling.transition("lcm", policy.scheduler, noise, noise, 999, -1, 1.0, "dance")
