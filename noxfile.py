@@ -201,7 +201,8 @@ def mlflow_server(session: nox.Session) -> None:
 
 @nox.session
 def perf(session: nox.Session) -> None:
-    """Performance benchmarks -> perf.json + perf.md (sampler vs pipeline, per-method toy cells, grid scaling,
-    paper estimate; bench/perf.py). posargs go to `python -m bench.perf` (e.g. --quick, --toy-grid)."""
+    """Performance benchmarks -> perf.json + perf.md (sampler vs pipeline, per-method toy cells, grid scaling;
+    bench/perf.py). posargs go to `python -m bench.perf`: e.g. --quick; `--against 7b17867` (ours / theirs ratios
+    on the same toy cells, that revision in a temporary git worktree); `readme` (README's section from perf.json)."""
     install(session)
     session.run("python", "-m", "bench.perf", "--out", "perf.json", "--markdown", "perf.md", *session.posargs, env=ENV)

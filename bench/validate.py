@@ -265,11 +265,12 @@ def check_config(cfg: Any) -> None:
                               f"({need} NFEs); raise budget.nfe to at least {need}")
 
     _check_device(cfg.device)
-    if cfg.get("adam_8bit", False):
+    if cfg.get("adam_8bit", False) or cfg.get("precision", "fp32") != "fp32":
         from bench.accel import MissingExtraError, check
 
         try:
-            check({"adam_8bit": True, "device": cfg.device})
+            check({"adam_8bit": cfg.get("adam_8bit", False), "precision": cfg.get("precision", "fp32"),
+                   "device": cfg.device})
         except (MissingExtraError, ValueError) as err:
             raise ConfigError(str(err)) from None
     if cfg.model.path is None and not spec.is_hub and not (Path(spec.source) / "model_index.json").is_file():

@@ -370,6 +370,13 @@ def check_positive(config: Any, *names: str, allow_zero: bool = False) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _foreach(cls: type) -> dict[str, bool]:
+    """torch's multi-tensor (foreach) update, which torch picks by itself on CUDA only: on the CPU it is bit-identical
+    to the per-parameter loop and faster (tests/test_perf.py; the fused kernel is faster still but changes bits, so
+    it is not used). bitsandbytes' 8-bit classes (bench.accel.optimizers swaps them in) take no such flag."""
+    return {"foreach": True} if cls.__module__.startswith("torch.optim") else {}
+
+
 def build_optimizer(params: Sequence[torch.nn.Parameter], config: Any) -> torch.optim.Optimizer:
     """The optimizer named by `config.optimizer` ("adamw" | "adam" | "sgd") with the config's `lr`,
     `adam_beta1`, `adam_beta2`, `adam_eps`, `weight_decay` (missing fields take torch defaults; eps 1e-8)."""
@@ -383,10 +390,10 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], config: Any) -> torch.
         betas = (float(getattr(config, "adam_beta1", 0.9)), float(getattr(config, "adam_beta2", 0.999)))
         eps = float(getattr(config, "adam_eps", 1e-8))
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_foreach(cls))
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=float(getattr(config, "momentum", 0.0)),
-                               weight_decay=weight_decay)
+                               weight_decay=weight_decay, foreach=True)
     raise ValueError(f"unknown optimizer {name!r}; available: adamw, adam, sgd")
 
 

@@ -4,6 +4,7 @@ with a fake clock, so every number is exact. Nothing here is timed."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -244,13 +245,12 @@ def test_json_and_markdown_carry_every_field(tmp_path):
         "toy_grid": {"kind": "estimate", "cells": 34, "serial_s": 7200.0, "speedup_used": 1.67, "wall_s": 4311.0,
                      "serial_cpu_s": 3600.0, "wall_s_if_2_free_cores": 2155.0, "methods_missing": [],
                      "how": "sum of projected cells"},
-        "paper": {"peak_tflops": 989.4, "utilisation": 0.4, "train_nfe_factor": 2.0, "grids": {
-            "sdxl-turbo": {"model": "sdxl-turbo", "cells": 300, "gpu_hours": 1234.0,
-                           "flops": {"resolution": 512, "latent": 64, "tokens": 77, "unet_params": 2_567_463_684,
-                                     "unet_tflop_per_nfe": 1.59, "vae_decode_tflop": 2.5},
-                           "methods": {"ddpo K=4": {"method": "ddpo", "K": 4, "cells": 12, "train_nfe": 2_560_000,
-                                                    "eval_nfe": 7350, "tflop": 9.84e7,
-                                                    "gpu_hours_per_cell": 5.7, "gpu_hours_all_cells": 68.4}}}}},
+        "against": {"ddpo": perf.ratio_summary(
+            [_cell("finished", 200.0, 50.0, 30.0, 1000.0), _cell("finished", 180.0, 45.0, 32.0, 1010.0)],
+            [_cell("finished", 100.0, 25.0, 60.0, 900.0), _cell("finished", 100.0, 30.0, 64.0, 900.0)]),
+            "nft": {"status": "not a method at 7b17867"}},
+        "against_run": {"rev": "7b17867", "commit": "7b17867" + "0" * 33, "ours": "a" * 40, "repeats": 2,
+                        "budget": 2048, "eval_n": 32, "train_steps": 4},
     }
     md = perf.markdown(results)
     for text in ("Test CPU", "load average at start 1.00, 2.00, 3.00", "at end 4.00, 5.00, 6.00",
@@ -260,8 +260,10 @@ def test_json_and_markdown_carry_every_field(tmp_path):
                  "| ddpo | 17.5 | 20.0% | 5.0% | 10.0% | 3.1% | 200 | 900 | 142 | 8.1% |",
                  "| ddpo | 35 | 20.0% | 5.0% | 10.0% | 3.1% | 100 | 900 | 285 | 8.1% |",
                  "| 2 | 60 | 100 | 1.67 |", "1.67x", "ESTIMATE", "72 min at this run's load, 36 min on 2 free cores",
-                 "for 34 cells", "2.57 B params", "1.590 TFLOP per NFE", "| ddpo | 4 | 12 | 2,560,000 | 7,350 | 5.70 | 68 |",
-                 "1,234 GPU-hours", "Target <= 1.10x", "Target >= 1.6x", "Target <= 5%"):
+                 "for 34 cells", "Target <= 1.10x", "Target >= 1.6x", "Target <= 5%",
+                 "### Against 7b17867 (7b17867000): ours (aaaaaaaaaa) / theirs", "train NFE/s >= 1.8x",
+                 "| ddpo | 1.90 (1.80–2.00) | 1.75 (1.50–2.00) | 0.50 (0.50–0.50) | 1.12 (1.11–1.12) | 1005 (1000–1010) |",
+                 "| nft | not a method at 7b17867 |"):
         assert text in md, text
     out = tmp_path / "perf.json"
     out.write_text(json.dumps(results, default=str))
@@ -342,3 +344,157 @@ def test_dpo_micro_batch_is_memory_only():
     a = grids.compose(["method=diffusion_dpo", "method.micro_batch=16"])
     b = grids.compose(["method=diffusion_dpo", "method.micro_batch=0"])
     assert grids.cell_id(a) == grids.cell_id(b)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --against: ratio maths, perf.json layout, argument errors, and one tiny end-to-end run against HEAD itself.
+
+
+def _cell(status: str, nfe_s: float, images_s: float, cell_s: float, rss: float) -> dict:
+    return {"status": status, "train_nfe_s": nfe_s, "eval_images_s": images_s, "cell_s": cell_s, "peak_rss_mb": rss}
+
+
+def test_ratios_pair_repeats_and_skip_failed_or_missing_values():
+    ours = [_cell("finished", 200.0, 50.0, 30.0, 1000.0), _cell("error", 1.0, 1.0, 1.0, 1.0),
+            _cell("finished", 300.0, 40.0, 20.0, 1100.0), _cell("finished", None, 30.0, 10.0, 800.0)]
+    theirs = [_cell("finished", 100.0, 25.0, 60.0, 500.0), _cell("finished", 100.0, 25.0, 60.0, 500.0),
+              _cell("finished", 100.0, 80.0, 10.0, 1100.0), _cell("finished", None, 10.0, 20.0, 400.0)]
+    got = perf.ratio_summary(ours, theirs)
+    assert got["pairs"] == 3  # the failed repeat drops its pair, not the run
+    assert got["train_nfe_s_ratio"]["values"] == [2.0, 3.0]  # a method that does not train has no NFE/s ratio
+    assert got["eval_images_s_ratio"]["values"] == [2.0, 0.5, 3.0]
+    assert got["eval_images_s_ratio"]["median"] == 2.0 and got["eval_images_s_ratio"]["min"] == 0.5
+    assert got["cell_s_ratio"]["values"] == pytest.approx([0.5, 2.0, 0.5])
+    assert got["peak_rss_mb_ratio"]["max"] == 2.0
+    assert got["ours"]["train_nfe_s"]["median"] == 250.0 and got["theirs"]["train_nfe_s"]["median"] == 100.0
+    assert perf.ratio_summary([], [])["train_nfe_s_ratio"]["n"] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sections", "sampler,nope"], "unknown section(s) nope; available: sampler, cells, grid, toy_grid, against"),
+    (["--sections", "against"], "section 'against' needs --against REV"),
+    (["--against", "no-such-rev-xyz"], "--against 'no-such-rev-xyz' is not a commit"),
+    (["--methods", "ddpo,nope"], "unknown method(s) nope; available: base, ddpo"),
+    (["cell", "--methods", "ddpo,sft"], "cell runs one method"),
+    (["--budget", "0"], "--budget must be >= 1, got 0"),
+    (["--cell-repeats", "-1"], "--cell-repeats must be >= 1, got -1"),
+])
+def test_bad_arguments_fail_before_any_work(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        perf.main([*argv, "--out", str(tmp_path / "perf.json")])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "perf.json").exists()
+
+
+def test_against_defaults_to_the_against_section_only():
+    args = perf.parse_args(["--against", "HEAD"])
+    assert args.sections == ["against"] and args.methods == perf.method_names()
+    assert "against" not in perf.parse_args([]).sections
+
+
+def test_readme_section_is_rewritten_between_the_markers(tmp_path):
+    results = {"machine": {"cpu_model": "Test CPU", "load_average_start": [1.0]}, "load_average_end": [2.0],
+               "against": {"sft": perf.ratio_summary([_cell("finished", 3.0, 2.0, 1.0, 1.0)],
+                                                     [_cell("finished", 1.0, 1.0, 1.0, 1.0)])},
+               "against_run": {"rev": "HEAD~1", "commit": "c" * 40, "ours": "d" * 40, "repeats": 1, "budget": 64,
+                               "eval_n": 4, "train_steps": 4}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n{perf.PERF_BEGIN}\nold text\n{perf.PERF_END}\n\n## Next\n")
+    assert perf.write_readme(results, readme)
+    text = readme.read_text()
+    assert "old text" not in text and "# stepbench performance" not in text
+    assert "| sft | 3.00 | 2.00 | 1.00 | 1.00 | 1 |" in text and "Machine: Test CPU" in text
+    assert text.endswith(f"{perf.PERF_END}\n\n## Next\n") and text.startswith(f"# x\n\n## Performance\n{perf.PERF_BEGIN}\n")
+    assert not perf.write_readme(results, readme)  # unchanged the second time
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="no generated performance section"):
+        perf.write_readme(results, readme)
+
+
+def test_readme_performance_section_is_perf_json():
+    """The README's generated performance section is `python -m bench.perf readme` of the committed perf.json."""
+    from pathlib import Path
+
+    root = Path(perf.REPO)
+    text = (root / "README.md").read_text()
+    body = text[text.index(perf.PERF_BEGIN) + len(perf.PERF_BEGIN):text.index(perf.PERF_END)].strip()
+    if not (root / "perf.json").is_file():
+        assert body.startswith("Not yet generated")
+        return
+    assert body == perf.markdown(json.loads((root / "perf.json").read_text())).split("\n", 2)[2].strip()
+
+
+@pytest.mark.slow
+def test_against_head_end_to_end(tmp_path):
+    """`--against HEAD` on one tiny cell: both sides run in their own process from their own tree, perf.json has
+    the ratios per method with finite values, and the side worktree is gone afterwards. (A ratio near 1 is not
+    asserted: this is not a speed claim.)"""
+    import subprocess
+    import sys
+
+    out = tmp_path / "perf.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.perf", "--against", "HEAD", "--methods", "base",
+                           "--eval-n", "4", "--cell-repeats", "1", "--out", str(out), "--markdown",
+                           str(tmp_path / "perf.md"), "--workdir", str(tmp_path / "work")],
+                          cwd=perf.REPO, capture_output=True, text=True,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    base, run = results["against"]["base"], results["against_run"]
+    assert run["commit"] == run["ours"] or len(run["commit"]) == 40
+    assert base["pairs"] == 1
+    for key in ("eval_images_s_ratio", "cell_s_ratio", "peak_rss_mb_ratio"):
+        assert base[key]["n"] == 1 and math.isfinite(base[key]["median"]) and base[key]["median"] > 0, key
+    assert base["train_nfe_s_ratio"]["n"] == 0  # base does not train
+    ours, theirs = base["runs"]["ours"][0], base["runs"]["theirs"][0]
+    assert ours["bench"].startswith(str(perf.REPO)) and theirs["bench"].startswith(run["worktree"])
+    assert ours["eval_images"] == theirs["eval_images"] == 4 * 4  # n x S = 1, 2, 4, 8
+    assert not __import__("pathlib").Path(run["worktree"]).exists()
+    listed = subprocess.run(["git", "-C", str(perf.REPO), "worktree", "list"], capture_output=True, text=True).stdout
+    assert run["worktree"] not in listed
+    assert "| base |" in proc.stdout  # the ratio table is printed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Levers kept (issue 17): they must not change the default path's numbers, or must refuse where they cannot work.
+
+
+@pytest.mark.parametrize("name, extra", [("adam", {}), ("adamw", {"weight_decay": 1e-2}), ("sgd", {"momentum": 0.9})])
+def test_foreach_optimizer_is_bit_identical_to_the_per_parameter_loop(name, extra):
+    from types import SimpleNamespace
+
+    from methods.common import build_optimizer
+
+    def trained(foreach: bool | None):
+        torch.manual_seed(0)
+        unet = tiny_unet()
+        config = SimpleNamespace(optimizer=name, lr=3e-4, **extra)
+        opt = build_optimizer(unet.parameters(), config)
+        if foreach is not None:
+            assert opt.defaults["foreach"] is True
+            for group in opt.param_groups:
+                group["foreach"] = foreach
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in unet.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in unet.parameters()]
+
+    built, loop = trained(None), trained(False)
+    assert all(torch.equal(a, b) for a, b in zip(built, loop))
+    assert not torch.equal(built[0], tiny_unet().conv_in.weight)  # it trained
+
+
+def test_reduced_precision_on_the_cpu_is_refused_where_the_cpu_lacks_it(monkeypatch):
+    from bench import accel
+
+    accel.check({"precision": "fp32", "device": "cpu"})  # always fine
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not accel.cpu_autocast("bf16")
+    with pytest.raises(ValueError, match="precision=bf16 on the CPU needs native bf16 arithmetic"):
+        accel.check({"precision": "bf16", "device": "cpu"})
+    accel.check({"precision": "bf16", "device": "cuda"})  # CUDA autocast is not the CPU's business
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    accel.check({"precision": "bf16", "device": "cpu"})
