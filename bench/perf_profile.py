@@ -6,10 +6,9 @@
     profiler.summary()["wall"]["phases"]["train"]  # {"elapsed": s, "seconds": {category: s}, "floor": s, ...}
 
 The floor is the networks' own time: denoiser forward and backward (``UNet2DModel`` / ``UNet2DConditionModel``),
-VAE encode/decode, rewards (``Reward.__call__``), text encoders (CLIP, the toy's) and SPO's step-aware preference
-model (a learned reward model, forward and backward). Every other second (sampler Python, log-prob maths, optimizer
-steps, MLflow: ``tracking``, ...) is ours. `instrument()` patches those entry points process-wide for the block,
-plus the public methods of ``bench.tracking``'s Store / CellRun / Tracker and ``torch.autograd.backward``.
+VAE, rewards (``Reward.__call__``), text encoders and SPO's preference model (forward and backward). Every other
+second (sampler Python, log-prob maths, optimizer steps, MLflow: ``tracking``) is ours. `instrument()` patches
+those entry points, ``bench.tracking``'s public methods and ``torch.autograd.backward`` for the block.
 
 Accounting rules:
 1. Spans are exclusive: a span opened inside another one is part of the enclosing one, so the floor is a sum of
@@ -21,25 +20,25 @@ Accounting rules:
 3. Only the thread that created the profiler records spans (MLflow's metrics thread, joblib helpers are ignored).
 4. On CUDA pass ``sync=torch.cuda.synchronize`` (spans synchronise at their edges) and read the wall clock.
 
-Phases (``phase("train")``) are flat and exclusive (entering one pauses the enclosing one), so phase times sum to
-the instrumented time. Two clocks run side by side: wall, and this thread's CPU time (``time.thread_time``), which
-stays stable on an overloaded box when torch runs one intra-op thread.
+Phases are flat and exclusive (entering one pauses the enclosing one): they sum to the instrumented time. Two
+clocks run side by side: wall, and this thread's CPU time, which stays stable on a busy box (one torch thread).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-FLOOR = ("denoiser_forward", "denoiser_backward", "vae", "reward", "text_encoder", "preference_model")
-"""Span categories that make up the physical floor of a cell."""
-OURS = ("backward_other", "tracking")
-"""Named span categories that are ours (the rest of the wall time is unattributed, also ours)."""
+import torch
+
+FLOOR = ("denoiser_forward", "denoiser_backward", "vae", "reward", "text_encoder", "preference_model")  # a cell's floor
+OURS = ("backward_other", "tracking")  # named categories that are ours (the rest of the time is unattributed, ours)
 CATEGORIES = FLOOR + OURS
 NO_PHASE = "other"
 _INHERITED = object()  # marks a class attribute that was inherited (restored by deleting the patch)
@@ -79,16 +78,14 @@ class SpanProfiler:
         if threading.get_ident() != self._thread or self._depth:
             yield
             return
-        if self.sync is not None:
-            self.sync()
+        (self.sync or (lambda: None))()
         self._depth += 1
         self._split = [None, None] if split else None
         start = self.now()
         try:
             yield
         finally:
-            if self.sync is not None:
-                self.sync()
+            (self.sync or (lambda: None))()
             end, (first, network) = self.now(), (self._split or [None, None])
             self._depth, self._split = self._depth - 1, None
             self.add(category, start, first or end)
@@ -149,9 +146,6 @@ class SpanProfiler:
         """Patch the model entry points and the tracking layer (module docstring); idempotent per profiler."""
         if self._patches:
             return self
-        import inspect
-
-        import torch
         import transformers
         from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
@@ -227,8 +221,6 @@ class SpanProfiler:
 
 def _first_tensor(out: Any):
     """The tensor a network returned (a tensor, the first tensor of a tuple, or a diffusers output's sample)."""
-    import torch
-
     out = getattr(out, "sample", out)
     if isinstance(out, (tuple, list)):
         out = next((t for t in out if isinstance(t, torch.Tensor)), None)
