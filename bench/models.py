@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-TOY = ("toy-base", "toy-turbo")
+TOY = ("toy-base", "toy-turbo", "toy-flow")
 
 
 def _table(report: dict) -> str:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the model zoo")
     b = sub.add_parser("build", help="train the toy world's checkpoints (seeded, deterministic on CPU)")
-    b.add_argument("model", help="toy-base or toy-turbo (toy-turbo also builds toy-base if it is missing)")
+    b.add_argument("model", help="toy-base, toy-turbo or toy-flow (the latter two also build toy-base if it is missing)")
     b.add_argument("--out", type=Path, default=None, help="weights folder (default: the package's)")
     b.add_argument("-n", type=int, default=1024, help="fixed-seed samples per step count to measure")
     b.add_argument("--threads", type=int, default=1)

@@ -207,7 +207,8 @@ class Policy(torch.nn.Module):
             if kernel == "flow_euler":  # the grid as the pipeline builds it (FLUX: linear sigmas; mu by image size)
                 from methods.sampling import set_flow_grid
 
-                set_flow_grid(scheduler, linear_sigmas=self.family == "flux", image_seq_len=self.image_seq_len)
+                # FLUX and the toy flow model pass linspace(1, 1/N, N); SD3 uses the scheduler's own
+                set_flow_grid(scheduler, linear_sigmas=self.family in ("flux", "toy"), image_seq_len=self.image_seq_len)
             self._schedulers[kernel] = scheduler
         return self._schedulers[kernel]
 

@@ -204,8 +204,9 @@ def timestep_grid(scheduler, num_steps: int, kernel: str | None = None) -> tuple
     """(timesteps, prev_timesteps), both (N,) long on CPU, from `scheduler.set_timesteps(num_steps)`.
 
     prev: "ddim" uses diffusers' DDIM rule t - T // N; "euler_ancestral" and "lcm" the next grid timestep. The
-    final target is -1. "flow_euler": float32 timesteps s * num_train_timesteps and the next ones, final 0 (sigma 0). `kernel` defaults from the scheduler class (Euler* -> euler_ancestral, LCM -> lcm, else ddim).
-    """
+    final target is -1. "flow_euler": float32 timesteps s * num_train_timesteps and the next ones, final 0 (sigma 0).
+    `kernel` defaults from the scheduler class (Euler* -> euler_ancestral, LCM -> lcm, FlowMatch* -> flow_euler, else
+    ddim)."""
     kernel = _check_kernel(kernel or _default_kernel(scheduler))
     if kernel == FLOW:
         return _flow_grid(scheduler, num_steps)

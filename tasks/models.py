@@ -24,7 +24,7 @@ class ModelSpec:
     """One base model of the zoo."""
 
     name: str
-    """zoo name: "toy-base" | "toy-turbo" | "sd-turbo" | "sdxl-turbo" | "flux-schnell" | "sd35-large-turbo"."""
+    """zoo name: "toy-base" | "toy-turbo" | "toy-flow" | "sd-turbo" | "sdxl-turbo" | "flux-schnell" | "sd35-large-turbo"."""
     family: str
     """"toy" | "sd" | "sdxl" | "flux" | "sd3": decides how the policy encodes prompts, conditions the denoiser and decodes."""
     source: str
@@ -75,6 +75,20 @@ for _spec in (
         step_counts=(1, 2, 3, 4, 6, 8),
         default_train_steps=4,
         native_scheduler="DDIMScheduler",
+    ),
+    # The toy world's rectified flow (velocity UNet, FlowMatchEulerDiscreteScheduler on FLUX's linear grid), reflowed
+    # from toy-base to few steps: every method on a flow model on a 2-core CPU.
+    ModelSpec(
+        name="toy-flow",
+        family="toy",
+        source=str(TOY_WEIGHTS / "toy-flow"),
+        pipeline_class="ToyFlowPipeline",
+        scheduler="flow_euler",
+        resolution=32,
+        guidance_scale=0.0,
+        step_counts=(1, 2, 3, 4, 6, 8),
+        default_train_steps=4,
+        native_scheduler="FlowMatchEulerDiscreteScheduler",
     ),
     # sd-turbo ships an EulerDiscreteScheduler; DDPO/SDPO-style methods need DDIM's Gaussian transition, which
     # shares its alphas_cumprod table and trailing grid (eta=0 differs from Euler only in the last step's target:
@@ -152,6 +166,10 @@ def _pipeline_class(spec: ModelSpec):
         from tasks.toy.pipeline import ToyPipeline
 
         return ToyPipeline
+    if spec.pipeline_class == "ToyFlowPipeline":
+        from tasks.toy.flow_pipeline import ToyFlowPipeline
+
+        return ToyFlowPipeline
     import diffusers
 
     return getattr(diffusers, spec.pipeline_class)

@@ -14,7 +14,7 @@ from tasks.tiny import build_tiny_sd, build_tiny_sdxl
 
 
 def test_zoo_entries():
-    assert models.names() == ["flux-schnell", "sd-turbo", "sd35-large-turbo", "sdxl-turbo", "toy-base", "toy-turbo"]
+    assert models.names() == ["flux-schnell", "sd-turbo", "sd35-large-turbo", "sdxl-turbo", "toy-base", "toy-flow", "toy-turbo"]
     base, turbo = models.get("toy-base"), models.get("toy-turbo")
     assert (base.family, base.pipeline_class, base.scheduler, base.guidance_scale) == ("toy", "ToyPipeline", "ddim", 1.0)
     # 3 and 6 steps visit timesteps (666, 332 / 832, 166) that no trailing K in {1, 2, 4} trains on
@@ -42,7 +42,7 @@ def test_unknown_model_names_the_bad_value_and_valid_ones():
         models.get("sd-trubo")
     message = str(info.value)
     assert "sd-trubo" in message and "model" in message
-    assert "available: flux-schnell, sd-turbo, sd35-large-turbo, sdxl-turbo, toy-base, toy-turbo" in message
+    assert "available: flux-schnell, sd-turbo, sd35-large-turbo, sdxl-turbo, toy-base, toy-flow, toy-turbo" in message
     with pytest.raises(UnknownNameError, match="sdxl-turbo"):
         models.load_pipeline("sdxl", path="/nonexistent")
 

@@ -32,7 +32,7 @@ def test_unknown_method_fails_fast_in_a_subprocess(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["model=sdxl"], "unknown model 'sdxl'; available: flux-schnell, sd-turbo, sd35-large-turbo, sdxl-turbo, toy-base, toy-turbo"),
+    (["model=sdxl"], "unknown model 'sdxl'; available: flux-schnell, sd-turbo, sd35-large-turbo, sdxl-turbo, toy-base, toy-flow, toy-turbo"),
     (["reward=toy-al"], "unknown reward 'toy-al'; available: "),
     (["-m", "grid=nope"], "unknown grid 'nope'; available: " + ", ".join(conf_options("grid"))),
     (["-m", "method=base,ddpo,nope"], "unknown method 'nope'"),

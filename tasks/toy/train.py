@@ -7,6 +7,10 @@
    image x0) pairs with mild guidance (1.5) and 16 DDIM steps; the student, initialised from the base, regresses
    v on the straight path between z and x0 at timesteps that are half uniform and half on the 1/2/4/8-step
    trailing grids, so that one step from pure noise already lands on a clean image.
+3. `toy-flow`: the same distillation as a rectified flow (the few-step flow-matching family: FLUX.1-schnell,
+   SD3.5-Turbo). The student, initialised from toy-base's weights, regresses the velocity v = z - x0 on the
+   straight path x_s = (1 - s) x0 + s z between the teacher's (noise, image) pairs, at sigmas half uniform and half
+   on FLUX's 1/2/4/8-step grids (linspace(1, 1/N, N)); it samples with FlowMatchEulerDiscreteScheduler.
 
 Everything is seeded; on CPU with one thread a rebuild reproduces the shipped weights.
 """
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 from tasks.weights import record_checksums
 
 from . import verify, world
+from .flow_pipeline import ToyFlowPipeline, build_flow_scheduler, linear_sigmas
 from .pipeline import ToyPipeline, ToyTextEncoder, build_scheduler, build_unet
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -75,9 +80,29 @@ class TurboRecipe:
 
 
 @dataclass
+class FlowRecipe:
+    pairs: int = 1024
+    """Teacher (noise, image) pairs from toy-base, drawn as for toy-turbo (same seed: the same pairs)."""
+    teacher_steps: int = 16
+    teacher_guidance: float = 1.5
+    steps: int = 400
+    """Optimizer steps: toy-base's v-prediction weights must first learn the flow parameterisation (x_s, v = z - x0),
+    hence more than toy-turbo's 300; ~20 min of the build on two busy cores, most of it the teacher's samples."""
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 50
+    ema_decay: float = 0.995
+    grid_fraction: float = 0.5
+    """Share of training sigmas drawn from the 1/2/4/8-step grids (rest uniform on (0, 1])."""
+    bf16: bool = True
+    seed: int = 1
+
+
+@dataclass
 class Recipe:
     base: BaseRecipe = field(default_factory=BaseRecipe)
     turbo: TurboRecipe = field(default_factory=TurboRecipe)
+    flow: FlowRecipe = field(default_factory=FlowRecipe)
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -214,6 +239,42 @@ def train_turbo(teacher: ToyPipeline, recipe: TurboRecipe, progress: bool = True
     return _pipeline(ema_unet, ema_encoder, scheduler)
 
 
+def train_flow(teacher: ToyPipeline, recipe: FlowRecipe, progress: bool = True) -> ToyFlowPipeline:
+    """Reflow into a rectified flow: v_theta(x_s, s) -> z - x0 on the teacher's pairs, from toy-base's weights."""
+    prompts, z, x0 = teacher_pairs(teacher, recipe, progress)
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    unet, encoder = copy.deepcopy(teacher.unet).train(), copy.deepcopy(teacher.text_encoder).train()
+    grid = torch.tensor(sorted({float(s) for n in (1, 2, 4, 8) for s in linear_sigmas(n)}), dtype=torch.float32)
+    params = list(unet.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup, recipe.steps))
+    ema_unet, ema_encoder = copy.deepcopy(unet), copy.deepcopy(encoder)
+    for step in tqdm(range(recipe.steps), desc="toy-flow", disable=not progress):
+        idx = torch.from_numpy(rng.integers(0, len(prompts), recipe.batch_size))
+        flip = torch.from_numpy(rng.random(recipe.batch_size) < 0.5).view(-1, 1, 1, 1)
+        zb, xb = z[idx], x0[idx]
+        zb, xb = torch.where(flip, zb.flip(-1), zb), torch.where(flip, xb.flip(-1), xb)
+        on_grid = torch.from_numpy(rng.random(recipe.batch_size) < recipe.grid_fraction)
+        uniform = torch.from_numpy(1 - rng.random(recipe.batch_size)).float()  # (0, 1]
+        s = torch.where(on_grid, grid[torch.from_numpy(rng.integers(0, len(grid), recipe.batch_size))], uniform)
+        x_s = (1 - s.view(-1, 1, 1, 1)) * xb + s.view(-1, 1, 1, 1) * zb
+        with _autocast(recipe.bf16):
+            pred = unet(x_s, s * 1000, class_labels=encoder.encode([prompts[i] for i in idx.tolist()])).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), zb - xb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema_unet, unet, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        _ema_update(ema_encoder, encoder, min(recipe.ema_decay, (1 + step) / (10 + step)))
+    pipe = ToyFlowPipeline(unet=copy.deepcopy(ema_unet).eval(), text_encoder=copy.deepcopy(ema_encoder).eval(),
+                           scheduler=build_flow_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _trailing(n: int) -> list[int]:
     return [int(round(t)) - 1 for t in np.arange(1000, 0, -1000 / n)]
 
@@ -259,9 +320,10 @@ def _measure_splits(pipe: ToyPipeline, steps: list[int], n: int, guidance: float
 
 def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None = None, n_measure: int = 1024,
           progress: bool = True, checkpoints: Path | None = None) -> dict:
-    """Train `toy-base` (and `toy-turbo` from it), save both with their recipe and measured rewards."""
-    if which not in ("toy-base", "toy-turbo"):
-        raise ValueError(f"unknown toy model {which!r}; available: toy-base, toy-turbo")
+    """Train `toy-base` (and `toy-turbo` or `toy-flow` from it), save them with their recipe and measured rewards.
+    toy-flow starts from the toy-base weights in `out` (built first if missing)."""
+    if which not in ("toy-base", "toy-turbo", "toy-flow"):
+        raise ValueError(f"unknown toy model {which!r}; available: toy-base, toy-turbo, toy-flow")
     recipe = recipe or Recipe()
     report = {}
     t0 = time.time()
@@ -288,7 +350,16 @@ def build(which: str = "toy-turbo", out: Path = WEIGHTS, recipe: Recipe | None =
                                "guidance": 0.0, "n": n_measure,
                                **_measure_splits(turbo, [1, 2, 4, 8], n_measure, 0.0, progress)}
         (turbo_dir / "measured.json").write_text(json.dumps(report["toy-turbo"], indent=2))
-    for folder in (base_dir, Path(out) / "toy-turbo"):
+    if which == "toy-flow":
+        t1 = time.time()
+        flow = train_flow(base, recipe.flow, progress)
+        flow_dir = Path(out) / "toy-flow"
+        flow.save_pretrained(flow_dir)
+        report["toy-flow"] = {"seconds": round(time.time() - t1, 1), "recipe": asdict(recipe.flow),
+                              "guidance": 0.0, "n": n_measure,
+                              **_measure_splits(flow, [1, 2, 4, 8], n_measure, 0.0, progress)}
+        (flow_dir / "measured.json").write_text(json.dumps(report["toy-flow"], indent=2))
+    for folder in (base_dir, Path(out) / "toy-turbo", Path(out) / "toy-flow"):
         if (folder / "model_index.json").is_file():
             record_checksums(folder)  # sha256 of each weight file, verified at every load (tasks.weights)
     return report
