@@ -254,7 +254,7 @@ def run_cells(trees: dict[str, Path], methods: Sequence[str], repeats: int, work
                    "--store", str(store), "--json", str(store / "cell.json")]
             cmd += ["--plain", "--tree", str(trees[who]), "--no-system-metrics"] if plain else []
             cmd += [f"--override={o}" for o in (overrides or {}).get(who, ())]
-            tic, proc = time.perf_counter(), _run(cmd, trees[who], {"PYTHONPATH": str(trees[who])})
+            tic, proc = time.perf_counter(), _run(cmd, store, {"PYTHONPATH": str(trees[who])})  # caches stay per cell
             if proc.returncode != 0 or not (store / "cell.json").is_file():
                 _log(f"{who} {method} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
                 runs[method][who].append({"method": method, "status": "error", "error": proc.stderr[-4000:]})
