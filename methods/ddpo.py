@@ -126,6 +126,7 @@ class Config:
     """Epochs between checkpoints (when `checkpoint_path` is set)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # lr: the validation probe of 2026-12-06 (bench/conf/tuning/toy/val-probe.md); it supersedes any lr below.
         # toy-recipes.md Recipe 1 "DDPO-PP": +0.04..0.09 `all` at every S in 7.5 CPU minutes; train_batch_size 16
         # instead of its 64 (2026-12-05 probes, K = 4, 20k NFEs, gain in toy-all at S = 4 over n = 1,024 paired
         # samples): 64 -> +0.030 / 3.4 SE and 2.5 SE (seeds 0 / 1, the grid), 32 -> +0.031 (2.9 SE), 16 -> +0.059
@@ -134,7 +135,7 @@ class Config:
             prompts_per_epoch=32, samples_per_prompt=8, prompt_replacement=False, sample_batch_size=64,
             eta=1.0, kernel="ddim", advantage="group", adv_clip_max=5.0, clip_range=1e-4, num_inner_epochs=1,
             train_batch_size=16, gradient_accumulation_steps=1, timestep_fraction=1.0, train_last_step=False,
-            optimizer="adam", lr=3e-5, weight_decay=0.0, max_grad_norm=1.0, full_finetune=True, num_epochs=None,
+            optimizer="adam", lr=1e-5, weight_decay=0.0, max_grad_norm=1.0, full_finetune=True, num_epochs=None,
         ),
     }
     non_semantic: ClassVar[tuple[str, ...]] = ("sample_batch_size", "checkpoint_path", "checkpoint_every")
@@ -209,7 +210,7 @@ class DDPOMethod:
     Config = Config
     paper: ClassVar[str] = "Black et al., Training Diffusion Models with Reinforcement Learning (DDPO), arXiv 2305.13301"
     deviations: ClassVar[tuple[Deviation, ...]] = (
-        Deviation("toy recipe: group advantages over 8 samples per prompt, 16 trajectories per update, Adam lr 3e-5, "
+        Deviation("toy recipe: group advantages over 8 samples per prompt, 16 trajectories per update, Adam lr 1e-5, "
                   "full fine-tune (paper: per-prompt stat tracking, AdamW 3e-4, LoRA)", "toy-recipes.md Recipe 1 "
                   "(DDPO-PP); 16 per update measured +0.059 vs +0.030 at 64", "methods/ddpo.py Config.presets['toy']"),
         Deviation("toy recipe: the last transition is not trained (paper code: every step)", "its DDIM std is 0.006 "

@@ -163,6 +163,7 @@ class Config:
     """epochs between checkpoints (when checkpoint_path is set)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # lr: the validation probe of 2026-12-06 (bench/conf/tuning/toy/val-probe.md); it supersedes any lr below.
         # Toy world: DDPO's toy optimizer (micro-batches of 16, an update each, Adam 3e-5, full fine-tune), so the
         # rows differ in the algorithm only; 16 groups x G = 16 = 256 trajectories an epoch as DDPO's 32 x 8 (the toy
         # set has 31 training prompts, and a group needs its own prompt). Probes (K = 4, 20k NFEs, gain in toy-all at
@@ -175,7 +176,7 @@ class Config:
         # - kl_beta 0 (DanceGRPO; 11 epochs, the reference forwards saved): -0.005 (SE 0.014).
         # None reaches 3 SE on this one seed; the preset keeps Flow-GRPO's CPS step and KL.
         "toy": dict(group_size=16, groups_per_epoch=16, sample_batch_size=16, train_batch_size=16,
-                    updates_per_epoch=16, optimizer="adam", lr=3e-5, weight_decay=0.0, full_finetune=True),
+                    updates_per_epoch=16, optimizer="adam", lr=1e-5, weight_decay=0.0, full_finetune=True),
     }
     non_semantic: ClassVar[tuple[str, ...]] = ("sample_batch_size", "checkpoint_path", "checkpoint_every")
     """fields that do not change the result (excluded from a cell's identity)."""
@@ -327,7 +328,7 @@ class GRPOMethod:
                   "train; it is evaluated at S = 1 after training at K >= 2", "methods/grpo.py Config.min_train_steps"),
         Deviation("evaluation uses the trained weights (paper: an EMA of them)", "every row is evaluated the same way",
                   "methods/grpo.py (module docstring)"),
-        Deviation("toy recipe: 16 prompts x G = 16, Adam lr 3e-5, full fine-tune, an update per 16 trajectories (paper: "
+        Deviation("toy recipe: 16 prompts x G = 16, Adam lr 1e-5, full fine-tune, an update per 16 trajectories (paper: "
                   "48 x 24, AdamW 3e-4, LoRA r32, 2 updates an epoch)", "DDPO's toy settings, so the rows differ only "
                   "in the algorithm; a 1M-parameter denoiser", "methods/grpo.py Config.presets['toy']"),
     )

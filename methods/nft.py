@@ -161,6 +161,7 @@ class Config:
     """epochs between checkpoints (when checkpoint_path is set)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # lr: the validation probe of 2026-12-06 (bench/conf/tuning/toy/val-probe.md); it supersedes any lr below.
         # Toy world: GRPO's toy batch shape (16 groups x G = 16, micro-batches of 16, an update each, Adam 3e-5, full
         # fine-tune). Probes (K = 4, 20k NFEs, gain in toy-all at S = 4 over base on the validation split, n = 1,024
         # paired samples, seed 0) are listed below.
@@ -169,7 +170,7 @@ class Config:
         # - this preset (beta 1, kl_beta 1e-4, decay_type 1, 4 epochs): +0.028 (SE 0.009, 3.3 SE) on training seed 0,
         #   +0.027 (SE 0.009, 3.0 SE) on training seed 1.
         "toy": dict(group_size=16, groups_per_epoch=16, sample_batch_size=64, train_batch_size=16,
-                    updates_per_epoch=16, optimizer="adam", lr=3e-5, weight_decay=0.0, full_finetune=True),
+                    updates_per_epoch=16, optimizer="adam", lr=9e-5, weight_decay=0.0, full_finetune=True),
     }
     non_semantic: ClassVar[tuple[str, ...]] = ("sample_batch_size", "checkpoint_path", "checkpoint_every")
     """fields that do not change the result (excluded from a cell's identity)."""
@@ -310,7 +311,7 @@ class NFTMethod:
         Deviation("collection with the model's own deterministic few-step sampler, evaluation with the trained weights "
                   "(paper: DPM2 10 steps, EMA weights for evaluation)", "every row samples and is evaluated the same "
                   "way", "methods/nft.py (module docstring)"),
-        Deviation("toy recipe: 16 prompts x G = 16, Adam lr 3e-5, full fine-tune, an update per 16 samples (paper: "
+        Deviation("toy recipe: 16 prompts x G = 16, Adam lr 9e-5, full fine-tune, an update per 16 samples (paper: "
                   "48 x 24, AdamW 3e-4, LoRA r32, one update an epoch)", "DDPO's toy settings, so the rows differ only "
                   "in the algorithm; a 1M-parameter denoiser", "methods/nft.py Config.presets['toy']"),
     )

@@ -145,11 +145,12 @@ class Config:
     """offline: flip target images horizontally with probability 1/2."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # lr: the validation probe of 2026-12-06 (bench/conf/tuning/toy/val-probe.md); it supersedes any lr below.
         # toy world: online, more prompts per round (verifier rewards tie often), full fine-tune as the toy recipes.
         # pairs_per_update 16 (2026-12-05 probes, K = 4, 20k NFEs, gain in toy-all at S = 4 over n = 1,024 paired
         # samples): 32 pairs -> +0.032 (2.9 SE), 16 -> +0.065 (5.6 SE) and +0.039 (3.9 SE) on seeds 0 and 1;
         # lr 5e-5 / 1e-4 at 32 pairs: +0.026 / +0.022. More, smaller updates, as the official 8 pairs per update.
-        "toy": dict(mode="online", prompts_per_round=64, pairs_per_update=16, lr=3e-5, beta=50.0, optimizer="adam",
+        "toy": dict(mode="online", prompts_per_round=64, pairs_per_update=16, lr=1e-5, beta=50.0, optimizer="adam",
                     weight_decay=0.0, full_finetune=True),
     }
     non_semantic: ClassVar[tuple[str, ...]] = ("micro_batch",)
@@ -249,7 +250,7 @@ class PSOMethod:
     Config = Config
     paper: ClassVar[str] = "Miao et al., Tuning Timestep-Distilled Diffusion Model Using Pairwise Sample Optimization, arXiv 2410.03190"
     deviations: ClassVar[tuple[Deviation, ...]] = (
-        Deviation("toy recipe: 64 prompts per round, 16 pairs per update, Adam lr 3e-5, full fine-tune (SDXL-Turbo "
+        Deviation("toy recipe: 64 prompts per round, 16 pairs per update, Adam lr 1e-5, full fine-tune (SDXL-Turbo "
                   "config: AdamW 1e-5, 8 pairs per update, LoRA)", "toy-recipes.md's optimizer; 16 pairs measured "
                   "+0.065 vs +0.032 at 32", "methods/pso.py Config.presets['toy']"),
         Deviation("the last grid step is never trained even where the kernel gives it a tiny std (DDIM)",
@@ -405,10 +406,11 @@ class OfflineConfig(Config):
     """"offline": targets from a fixed preference set vs the initial model's own samples (this row)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # lr: the validation probe of 2026-12-06 (bench/conf/tuning/toy/val-probe.md); it supersedes any lr below.
         # toy world: targets = winners of a fixed set of 8 initial-model samples per training prompt labelled by the
         # verifier (no dataset); the personalization scripts' beta 5 / lambda 0.1 / prior 0.5; toy-recipes.md's
         # optimizer with online PSO's 16 pairs per update and an lr between its 3e-5 and the scripts' 2e-4.
-        "toy": dict(mode="offline", base_samples_per_prompt=8, pairs_per_update=16, lr=5e-5, optimizer="adam",
+        "toy": dict(mode="offline", base_samples_per_prompt=8, pairs_per_update=16, lr=1.67e-5, optimizer="adam",
                     weight_decay=0.0, full_finetune=True),
     }
 
@@ -426,6 +428,6 @@ class PSOOfflineMethod(PSOMethod):
                   "(pso_offline/pairs_source.json)", "methods/preference_data.py BaseSamplePreferences"),
         Deviation("t is the actual sampling grid {999, 749, 499, 249} (official script: {750, 500, 250, 0})",
                   "the script's index map looks like a bug (spec §4.5)", "methods/pso.py _offline_update"),
-        Deviation("toy recipe: Adam lr 5e-5, full fine-tune, 16 pairs per update (scripts: lr 2e-4, 4 pairs, LoRA)",
+        Deviation("toy recipe: Adam lr 1.67e-5, full fine-tune, 16 pairs per update (scripts: lr 2e-4, 4 pairs, LoRA)",
                   "toy-recipes.md's optimizer", "methods/pso.py OfflineConfig.presets['toy']"),
     )

@@ -121,6 +121,7 @@ class Config:
     """epochs between checkpoints when checkpoint_path is set (paper: every epoch)"""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # lr: the validation probe of 2026-12-06 (bench/conf/tuning/toy/val-probe.md); it supersedes any lr below.
         # Toy world: training trajectories of T = 16 DDIM steps whatever the cell's K (the paper trains on T = 50 and
         # evaluates at 1-8 steps; 16 keeps 5 epochs of 64 pairs inside the toy's 20k NFEs, T = 50 would leave one), and
         # DDPO-PP's optimizer settings from toy-recipes.md, tuned on 2026-12-05 at T = K = 4 (20k NFEs, gain in
@@ -129,7 +130,7 @@ class Config:
         #   without it +0.013 at both lrs;
         # - gradient_accumulation_steps=1 (an update per 16 pairs, 4x the updates): +0.051 (4.2 SE); at lr 1e-4 -0.020.
         "toy": dict(num_steps=16, pairs_per_epoch=64, sample_batch_size=64, train_batch_size=16,
-                    gradient_accumulation_steps=1, optimizer="adam", lr=3e-5, weight_decay=0.0,
+                    gradient_accumulation_steps=1, optimizer="adam", lr=1e-5, weight_decay=0.0,
                     full_finetune=True, num_epochs=None, train_last_step=False),
     }
     non_semantic: ClassVar[tuple[str, ...]] = ("sample_batch_size", "checkpoint_path", "checkpoint_every")
@@ -283,12 +284,12 @@ class SDPOMethod:
     paper: ClassVar[str] = "Zhang et al., Stepwise Diffusion Policy Optimization, arXiv 2411.11727"
     deviations: ClassVar[tuple[Deviation, ...]] = (
         Deviation("toy recipe: training trajectories of T = 16 DDIM steps (paper: 50); real recipes keep 50",
-                  "T = 50 leaves one epoch inside the toy's 20k-NFE budget; 16 is the longest T with several",
+                  "T = 50 leaves no complete epoch inside the toy grid's 8k-NFE budget; 16 leaves two",
                   "methods/sdpo.py Config.presets['toy'] num_steps"),
         Deviation("toy recipe: the last transition is not trained (paper code: every step)",
                   "no scored x0-prediction depends on its action and its std is 0.006: it dominated the gradient "
                   "and collapsed the model (-0.081 at S = 4)", "methods/sdpo.py Config.train_last_step"),
-        Deviation("toy recipe: Adam lr 3e-5, full fine-tune, 64 pairs/epoch, an update per 16 pairs (paper: AdamW "
+        Deviation("toy recipe: Adam lr 1e-5, full fine-tune, 64 pairs/epoch, an update per 16 pairs (paper: AdamW "
                   "1e-4, LoRA r4, 128 pairs/epoch, 64 pairs per update)",
                   "toy-recipes.md's optimizer for a 1M-parameter denoiser; more, smaller updates measured better",
                   "methods/sdpo.py Config.presets['toy']"),

@@ -87,7 +87,8 @@ class Config:
     """train every denoiser weight instead of LoRA (Recipe 3 did); read by the harness."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "toy": dict(selection="threshold", min_reward=1.0, full_finetune=True),
+        # lr: the validation probe of 2026-12-06 (bench/conf/tuning/toy/val-probe.md); it supersedes any lr below.
+        "toy": dict(selection="threshold", min_reward=1.0, full_finetune=True, lr=3.33e-6),
         "toy_reflow": dict(selection="threshold", min_reward=1.0, full_finetune=True, pairing="reflow"),
     }
 

@@ -500,6 +500,7 @@ class SFTConfig(Config):
     """"sft" (Algorithm 1: denoising loss on the best path) | "rlhf" (Algorithm 2: DPO-style best vs worst)"""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # lr: the validation probe of 2026-12-06 (bench/conf/tuning/toy/val-probe.md); it supersedes any lr below.
         # The RLHF variant's toy preset without its reference_on_path and loss_space (see below). Probes of 2026-12-05 (as above): start images
         # sampled from the reference model, lr 1e-5 -0.009; from a toy preference dataset's winners (`dataset`),
         # lr 1e-5 / 5e-5 / 2e-4: +0.018 (1.4 SE) / +0.001 / -0.035; the dataset with n = 6 and batch 4 +0.022 (1.9 SE).
@@ -507,7 +508,8 @@ class SFTConfig(Config):
         # RLHF preset's) collapses SFT: -0.119 (-9.0 SE). Its first step at t = 999 then regresses x0 from noise
         # that did not make it (fresh eps_k), i.e. it learns the posterior mean, the naive-SFT collapse of
         # toy-recipes.md; in epsilon space that step has weight 2.4e-9. So SFT keeps the paper's epsilon loss.
-        "toy": {k: v for k, v in Config.presets["toy"].items() if k not in ("reference_on_path", "loss_space")},
+        "toy": {**{k: v for k, v in Config.presets["toy"].items() if k not in ("reference_on_path", "loss_space")},
+                "lr": 3.33e-6},
     }
 
 

@@ -478,8 +478,9 @@ class RewardX0Config(Config):
     each candidate's decoded x0 prediction."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # lr: the validation probe of 2026-12-06 (bench/conf/tuning/toy/val-probe.md); it supersedes any lr below.
         # SPO's toy preset without the fields of the SPM it does not train.
-        "toy": {k: v for k, v in Config.presets["toy"].items() if not k.startswith("spm_")},
+        "toy": {**{k: v for k, v in Config.presets["toy"].items() if not k.startswith("spm_")}, "lr": 1e-5},
     }
 
 
