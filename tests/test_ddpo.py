@@ -116,7 +116,7 @@ def test_toy_preset_skips_last_step_and_counts_budget():
     policy = tiny_policy(full_finetune=True)
     method = methods.load("ddpo", preset="toy", prompts_per_epoch=2, samples_per_prompt=2, sample_batch_size=4,
                           train_batch_size=4, num_epochs=1)
-    assert method.config.full_finetune and method.config.lr == 3e-5 and not method.config.train_last_step
+    assert method.config.full_finetune and method.config.lr == methods.presets("ddpo")["toy"]["lr"] != methods.load("ddpo").config.lr and not method.config.train_last_step
     assert method.trained_steps(policy, 4).tolist() == [True, True, True, False]
     assert method.trained_steps(policy, 1).tolist() == [True]  # the only action at K = 1 is trained anyway
     budget = Budget(max_nfe=None)
