@@ -121,3 +121,23 @@ def test_standin_flow_grid_runs(grid, methods, tmp_path, monkeypatch, capsys):
     assert sorted(runs.index) == sorted(["base", *methods.split(",")])
     for method in methods.split(","):
         assert 0 < runs.loc[method, "metrics.cost/train_nfe"] <= 128
+
+
+def test_shipped_toy_flow_is_the_recipe_and_the_kernel_reproduces_it():
+    """The committed weights: built by FlowRecipe's defaults (measured.json records them), loadable through the zoo
+    (checksums verified), and sampled by the flow kernel exactly as by their pipeline."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from methods.policy import load_policy
+    from tasks.toy import train, world
+
+    measured = json.loads((Path(zoo.get("toy-flow").source) / "measured.json").read_text())
+    assert measured["recipe"] == asdict(train.FlowRecipe()) and set(measured["rewards"]) == {"1", "2", "4", "8"}
+    policy = load_policy("toy-flow")
+    prompts = world.all_prompts("test")[:4]
+    noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    expected = policy.pipeline(prompts, num_inference_steps=2, latents=noise).images
+    traj = sampling.sample(policy, prompts, 2, noise=noise, eta=0.0)
+    assert torch.allclose(traj.images, expected, atol=1e-5)
